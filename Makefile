@@ -1,0 +1,27 @@
+# Set-up commands. Each installs what it needs into .venv on a fresh machine (about 3 minutes).
+# torch is pinned here (CPU build) so pip never pulls the multi-GB CUDA build; pyproject keeps a range.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: install test demo bench-env
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/thresher demo
+
+# kronfluence (the influence benchmark's reference) depends on torchvision, which would pull a CUDA
+# torch: install it without dependencies and add its other requirements by hand.
+bench-env: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps kronfluence==1.0.1
+	$(PY) -m pip install -q "$(TORCH)" accelerate einops einconv opt-einsum
