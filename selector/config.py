@@ -1,0 +1,168 @@
+"""A whole job's configuration: pydantic v2 models loaded from YAML.
+
+* Unknown keys are rejected, with the path of the offending key (``corpus.text_colum``).
+* Storage options' secrets (any key containing key/secret/token/password/credential) are
+  redacted whenever the config is printed or written (:meth:`JobConfig.redacted`).
+* :meth:`JobConfig.config_hash` ignores secrets and execution-only settings (``ray``,
+  ``run_id``), so rotating a key or resizing the cluster does not invalidate finished work.
+
+Stage sections (embedding, clustering, influence, ...) are defined next to their algorithm
+and composed here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from selector.config_base import StrictModel
+from selector.corpus import CorpusConfig
+from selector.errors import ConfigError
+from selector.workdir import stable_hash
+
+REDACTED = "***redacted***"
+_SECRET_KEY = re.compile(r"(key|secret|token|password|passwd|credential|session)", re.IGNORECASE)
+
+METHODS = ("random",)
+
+
+class WorkConfig(StrictModel):
+    """Where the job writes: ``<root>/runs/<run_id>/`` (work) and ``<root>/manifests/<run_id>/``."""
+
+    root: str = Field(description="URI prefix the job owns (path, file://, s3://, gs://).")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for root.")
+
+
+class BudgetConfig(StrictModel):
+    """How many tokens to select: an absolute count or a fraction of the corpus's tokens."""
+
+    tokens: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "BudgetConfig":
+        if (self.tokens is None) == (self.fraction is None):
+            raise ValueError("give exactly one of budget.tokens or budget.fraction")
+        return self
+
+    def resolve(self, corpus_tokens: int) -> int:
+        return self.tokens if self.tokens is not None else int(self.fraction * corpus_tokens)
+
+
+class RayConfig(StrictModel):
+    """Execution only (not part of the config hash)."""
+
+    address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS, else start a local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local Ray (oversubscribe: 2 x cores).")
+    shard_readers: int = Field(2, ge=1, description="Shard-reader actors; shards are split among them.")
+    reader_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per reader (fractional avoids starving).")
+
+
+class JobConfig(StrictModel):
+    """One selection job."""
+
+    run_id: str | None = Field(None, description="Default: <method>-<config hash>; same config resumes the same run.")
+    method: Literal[METHODS] = "random"  # type: ignore[valid-type]
+    seed: int = 0
+    tokenizer: str = Field(description="Path/URI of the trainer's HF tokenizer; budgets are counted in its tokens.")
+    corpus: CorpusConfig
+    work: WorkConfig
+    budget: BudgetConfig
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    # -- identity ------------------------------------------------------------------------
+    def hashable(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude={"ray", "run_id"})
+        return _strip_secrets(data)
+
+    def config_hash(self) -> str:
+        return stable_hash(self.hashable())
+
+    def resolved_run_id(self) -> str:
+        return self.run_id or f"{self.method}-{self.config_hash()[:12]}"
+
+    def redacted(self) -> dict[str, Any]:
+        return _redact(self.model_dump(mode="json"))
+
+    def stage_hash(self, *sections: str, extra: Any = None) -> str:
+        """Hash of the sections a stage depends on (so unrelated edits don't redo it)."""
+        data = self.hashable()
+        return stable_hash({s: data.get(s) for s in sections} | {"_extra": extra})
+
+
+def _is_secret(key: str) -> bool:
+    return bool(_SECRET_KEY.search(key)) and key not in ("key_prefix",)
+
+
+def _redact(obj: Any, in_storage: bool = False) -> Any:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            inside = in_storage or k == "storage_options"
+            if inside and _is_secret(k) and not isinstance(v, (dict, list)):
+                out[k] = REDACTED
+            else:
+                out[k] = _redact(v, inside)
+        return out
+    if isinstance(obj, list):
+        return [_redact(v, in_storage) for v in obj]
+    return obj
+
+
+def _strip_secrets(obj: Any, in_storage: bool = False) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip_secrets(v, in_storage or k == "storage_options") for k, v in obj.items()
+                if not ((in_storage or k == "storage_options") and _is_secret(k) and not isinstance(v, (dict, list)))}
+    if isinstance(obj, list):
+        return [_strip_secrets(v, in_storage) for v in obj]
+    return obj
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key")
+        elif err["type"] == "missing":
+            lines.append(f"  {path}: required key missing")
+        else:
+            lines.append(f"  {path}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<dict>") -> JobConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Load a YAML job config; ``overrides`` are merged on top (dotted keys allowed)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        cursor = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            cursor = cursor.setdefault(p, {})
+        cursor[leaf] = value
+    return parse_config(data, str(path))
+
+
+def dump_yaml(config: JobConfig) -> str:
+    """The config as YAML with secrets redacted (safe to print or store)."""
+    return yaml.safe_dump(config.redacted(), sort_keys=False)

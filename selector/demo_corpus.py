@@ -1,0 +1,60 @@
+"""The demo corpus: real CPython text plus synthetic low-quality documents, as mixed shards.
+
+Shards are written in every supported format (Parquet, .jsonl, .jsonl.gz, .jsonl.zst) so the
+demo exercises the whole reader. A byte-level BPE tokenizer is trained on a sample of the
+corpus and saved beside it, so the demo needs nothing but a Python install.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selector.proxy_models import train_bpe_tokenizer
+from selector.textsources import demo_documents
+
+FORMATS = ("parquet", "jsonl", "jsonl.gz", "jsonl.zst")
+
+
+def write_shard(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.name.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(records), tmp)
+    else:
+        payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+        if path.name.endswith(".gz"):
+            payload = gzip.compress(payload)
+        elif path.name.endswith(".zst"):
+            import zstandard
+
+            payload = zstandard.ZstdCompressor().compress(payload)
+        tmp.write_bytes(payload)
+    tmp.replace(path)
+
+
+def build_demo_corpus(out_dir: str | Path, n_shards: int = 8, max_docs_per_source: int | None = 600,
+                      n_low_quality: int = 300, vocab_size: int = 2048, seed: int = 0) -> dict:
+    """Write ``out_dir/corpus/*`` shards and ``out_dir/tokenizer``; returns paths and counts."""
+    out = Path(out_dir)
+    docs = demo_documents(max_docs_per_source=max_docs_per_source, n_low_quality=n_low_quality, seed=seed)
+    rng = random.Random(seed)
+    rng.shuffle(docs)
+    corpus_dir = out / "corpus"
+    for i in range(n_shards):
+        part = docs[i::n_shards]
+        records = [{"id": f"{d.source}/{d.name}", "text": d.text, "source": d.source} for d in part]
+        write_shard(corpus_dir / f"shard-{i:03d}.{FORMATS[i % len(FORMATS)]}", records)
+    tokenizer_dir = out / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        sample = [d.text for d in rng.sample(docs, min(len(docs), 800))]
+        train_bpe_tokenizer(sample, tokenizer_dir, vocab_size=vocab_size)
+    sources: dict[str, int] = {}
+    for d in docs:
+        sources[d.source] = sources.get(d.source, 0) + 1
+    return {"corpus": str(corpus_dir), "tokenizer": str(tokenizer_dir), "documents": len(docs), "sources": sources}

@@ -1,0 +1,252 @@
+"""Selection manifests: the product of a run, written once and committed atomically.
+
+Layout under ``<root>/manifests/``::
+
+    <run_id>/part-00000.parquet ...   selected documents (schema ``MANIFEST_SCHEMA``)
+    <run_id>/manifest.json            run id, created-at, redacted config, config hash, corpus
+                                      snapshot, models, tokenizer, budget, counts, versions, parts
+    <run_id>/_SUCCESS                 written last; readers ignore a manifest without it
+
+The writer stages everything under ``_staging/<run_id>-<nonce>/`` and commits by copying the
+parts and ``manifest.json`` into ``<run_id>/`` and writing ``_SUCCESS`` last. A committed
+manifest is never rewritten: committing onto one raises :class:`ManifestError`. A
+``<run_id>/`` without ``_SUCCESS`` is the debris of a crashed commit and is replaced.
+The reader refuses an uncommitted manifest and checks every part listed in
+``manifest.json`` exists with its recorded row count.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selector.errors import ManifestError
+from selector.workdir import atomic_write_bytes, open_fs, table_to_parquet_bytes
+
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("shard", pa.string(), nullable=False),       # shard URI
+    pa.field("row", pa.int64(), nullable=False),
+    pa.field("n_tokens", pa.int64(), nullable=False),
+    pa.field("cluster", pa.int32()),                       # null when the method did not cluster
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("score", pa.float64()),                       # null when the method does not score
+    pa.field("weight", pa.float64(), nullable=False),      # 1.0 unless the method weights (GTP)
+    pa.field("round", pa.int32()),                         # bandit round; null otherwise
+    pa.field("token_mask", pa.binary()),                   # np.packbits(mask, bitorder="little")
+])
+
+SUCCESS = "_SUCCESS"
+MANIFEST_JSON = "manifest.json"
+
+
+def manifests_root(root: str) -> str:
+    return f"{root.rstrip('/')}/manifests"
+
+
+def manifest_uri(root: str, run_id: str) -> str:
+    return f"{manifests_root(root)}/{run_id}"
+
+
+def selection_table(rows: dict[str, list]) -> pa.Table:
+    """A table in ``MANIFEST_SCHEMA`` from column lists; missing optional columns are null."""
+    n = len(rows["doc_id"])
+    columns = {}
+    for fld in MANIFEST_SCHEMA:
+        values = rows.get(fld.name)
+        if values is None:
+            if not fld.nullable and fld.name != "weight":
+                raise ManifestError(f"selection is missing required column {fld.name!r}")
+            values = [1.0] * n if fld.name == "weight" else [None] * n
+        if len(values) != n:
+            raise ManifestError(f"column {fld.name!r} has {len(values)} values for {n} documents")
+        columns[fld.name] = pa.array(values, type=fld.type)
+    return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("thresher", "torch", "transformers", "pyarrow", "ray", "faiss-cpu", "faiss-gpu", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+class ManifestWriter:
+    """Stage parts, then :meth:`commit` with the summary. Use once per run."""
+
+    def __init__(self, root: str, run_id: str, storage_options: dict | None = None, rows_per_part: int = 100_000):
+        self.root, self.run_id = root, run_id
+        self.fs, root_path = open_fs(root, storage_options)
+        self.final = f"{root_path}/manifests/{run_id}"
+        self.staging = f"{root_path}/manifests/_staging/{run_id}-{uuid.uuid4().hex[:10]}"
+        self.rows_per_part = rows_per_part
+        self.parts: list[dict[str, Any]] = []
+        if self.fs.exists(f"{self.final}/{SUCCESS}"):
+            raise ManifestError(f"manifest {manifest_uri(root, run_id)} is already committed; a manifest is never "
+                                "rewritten — use a new run_id")
+
+    def write(self, table: pa.Table) -> None:
+        """Stage ``table`` (``MANIFEST_SCHEMA``) as one or more parts."""
+        if table.schema != MANIFEST_SCHEMA:
+            table = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+        for start in range(0, max(table.num_rows, 1), self.rows_per_part):
+            chunk = table.slice(start, self.rows_per_part)
+            if chunk.num_rows == 0 and self.parts:
+                break
+            name = f"part-{len(self.parts):05d}.parquet"
+            atomic_write_bytes(self.fs, f"{self.staging}/{name}", table_to_parquet_bytes(chunk))
+            self.parts.append({"name": name, "rows": chunk.num_rows})
+
+    def commit(self, summary: dict[str, Any]) -> str:
+        """Move the staged parts into place, write ``manifest.json``, then ``_SUCCESS``."""
+        if not self.parts:
+            self.write(MANIFEST_SCHEMA.empty_table())
+        if self.fs.exists(f"{self.final}/{SUCCESS}"):
+            raise ManifestError(f"manifest {manifest_uri(self.root, self.run_id)} was committed by another writer")
+        if self.fs.exists(self.final):
+            self.fs.rm(self.final, recursive=True)  # debris of a crashed commit (no _SUCCESS)
+        body = dict(summary)
+        body.update({
+            "run_id": self.run_id,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "parts": self.parts,
+            "n_documents": sum(p["rows"] for p in self.parts),
+            "versions": versions(),
+            "schema": [f.name for f in MANIFEST_SCHEMA],
+        })
+        self.fs.makedirs(self.final, exist_ok=True)
+        for part in self.parts:
+            self.fs.copy(f"{self.staging}/{part['name']}", f"{self.final}/{part['name']}")
+        atomic_write_bytes(self.fs, f"{self.final}/{MANIFEST_JSON}", json.dumps(body, indent=2, default=str).encode())
+        atomic_write_bytes(self.fs, f"{self.final}/{SUCCESS}", b"")
+        try:
+            self.fs.rm(self.staging, recursive=True)
+        except FileNotFoundError:
+            pass
+        return manifest_uri(self.root, self.run_id)
+
+
+@dataclass
+class Manifest:
+    """A committed manifest: its summary and its rows."""
+
+    uri: str
+    summary: dict[str, Any]
+    table: pa.Table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def selected_tokens(self) -> int:
+        return int(pa.compute.sum(self.table["n_tokens"]).as_py() or 0)
+
+    def token_masks(self) -> Iterable[np.ndarray | None]:
+        """Unpacked boolean masks (one per row, ``n_tokens`` long), or None where absent."""
+        for packed, n in zip(self.table["token_mask"].to_pylist(), self.table["n_tokens"].to_pylist()):
+            yield None if packed is None else unpack_mask(packed, n)
+
+
+def pack_mask(mask: np.ndarray) -> bytes:
+    return np.packbits(np.asarray(mask, dtype=bool), bitorder="little").tobytes()
+
+
+def unpack_mask(packed: bytes, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=n, bitorder="little").astype(bool)
+
+
+def read_manifest(uri: str, storage_options: dict | None = None, columns: list[str] | None = None) -> Manifest:
+    """Read a committed manifest; refuse an uncommitted or partial one with a clear error."""
+    fs, path = open_fs(uri, storage_options)
+    if not fs.exists(path):
+        raise ManifestError(f"no manifest at {uri}")
+    if not fs.exists(f"{path}/{SUCCESS}"):
+        raise ManifestError(f"manifest {uri} is not committed (no {SUCCESS}): it is being written or its job "
+                            "died; readers ignore it")
+    try:
+        with fs.open(f"{path}/{MANIFEST_JSON}", "rb") as f:
+            summary = json.loads(f.read())
+    except FileNotFoundError as exc:
+        raise ManifestError(f"manifest {uri} has {SUCCESS} but no {MANIFEST_JSON}: partial manifest") from exc
+    tables = []
+    for part in summary.get("parts", []):
+        part_path = f"{path}/{part['name']}"
+        if not fs.exists(part_path):
+            raise ManifestError(f"manifest {uri} is partial: {part['name']} is missing")
+        with fs.open(part_path, "rb") as f:
+            table = pq.read_table(f, columns=columns)
+        if table.num_rows != part["rows"]:
+            raise ManifestError(f"manifest {uri} is partial: {part['name']} has {table.num_rows} rows, "
+                                f"manifest.json says {part['rows']}")
+        tables.append(table)
+    if tables:
+        table = pa.concat_tables(tables)
+    else:
+        table = MANIFEST_SCHEMA.empty_table() if columns is None else MANIFEST_SCHEMA.empty_table().select(columns)
+    return Manifest(uri=uri, summary=summary, table=table)
+
+
+def list_manifests(root: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
+    """Summaries of the committed manifests under ``<root>/manifests``, oldest first."""
+    fs, root_path = open_fs(root, storage_options)
+    base = f"{root_path}/manifests"
+    if not fs.exists(base):
+        return []
+    out = []
+    for entry in fs.ls(base, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("_") or not fs.exists(f"{entry}/{SUCCESS}"):
+            continue
+        with fs.open(f"{entry}/{MANIFEST_JSON}", "rb") as f:
+            summary = json.loads(f.read())
+        summary["uri"] = f"{manifests_root(root)}/{name}"
+        out.append(summary)
+    return sorted(out, key=lambda s: s.get("created_at", ""))
+
+
+def run_summary(config, shards, index_stats: dict, budget_tokens: int, table: pa.Table,
+                models: dict | None = None, tokenizer: dict | None = None, stages: dict | None = None) -> dict:
+    """The ``manifest.json`` body (less what the writer adds) for a job's selection ``table``."""
+    import collections
+
+    by_method = collections.Counter(table["method"].to_pylist()) if table.num_rows else {}
+    clusters = table["cluster"].to_pylist() if table.num_rows else []
+    tokens = table["n_tokens"].to_pylist() if table.num_rows else []
+    by_cluster: dict[str, dict[str, int]] = {}
+    for cluster, n in zip(clusters, tokens):
+        if cluster is None:
+            continue
+        entry = by_cluster.setdefault(str(cluster), {"documents": 0, "tokens": 0})
+        entry["documents"] += 1
+        entry["tokens"] += n
+    return {
+        "method": config.method,
+        "config": config.redacted(),
+        "config_hash": config.config_hash(),
+        "seed": config.seed,
+        "corpus": {
+            "uri": config.corpus.uri,
+            "shards": [{"uri": s.uri, "relpath": s.relpath, "size": s.size, "version": s.version} for s in shards],
+            "documents": index_stats["documents"],
+            "tokens": index_stats["tokens"],
+            "rejected": index_stats["rejected"],
+        },
+        "models": models or {},
+        "tokenizer": tokenizer or {"path": config.tokenizer},
+        "budget": {"tokens": budget_tokens, "selected_tokens": int(sum(tokens)), "selected_documents": len(tokens)},
+        "counts": {"by_method": dict(by_method), "by_cluster": by_cluster},
+        "stages": stages or {},
+    }

@@ -1,0 +1,51 @@
+import numpy as np
+import pyarrow as pa
+
+from selector.index import INDEX_SCHEMA, hash_keys, hash_order_prefix, merge_hash_order
+
+
+def table(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return pa.Table.from_pydict({
+        "doc_id": [f"doc-{i}" for i in range(n)], "shard": [f"s{i % 3}" for i in range(n)],
+        "row": list(range(n)), "n_tokens": rng.integers(1, 500, n).tolist(), "n_chars": [1] * n,
+        "content_hash": ["h"] * n}, schema=INDEX_SCHEMA)
+
+
+def naive_random_selection(t, seed, budget):
+    """The definition: documents in seeded hash order, stop before the budget would be passed."""
+    keys = hash_keys(t["doc_id"].to_pylist(), seed)
+    chosen, total = [], 0
+    for i in sorted(range(t.num_rows), key=lambda i: keys[i]):
+        n = t["n_tokens"][i].as_py()
+        if total + n > budget:
+            break
+        chosen.append(t["doc_id"][i].as_py())
+        total += n
+    return chosen
+
+
+def test_hash_keys_are_uniform_and_seeded():
+    ids = [f"x{i}" for i in range(20000)]
+    k0, k1 = hash_keys(ids, 0), hash_keys(ids, 1)
+    assert np.all((k0 >= 0) & (k0 < 1))
+    assert abs(k0.mean() - 0.5) < 0.01 and abs(np.median(k1) - 0.5) < 0.02
+    assert not np.array_equal(k0, k1)
+    assert np.array_equal(k0, hash_keys(ids, 0))
+
+
+def test_merged_local_prefixes_equal_the_global_selection_for_any_partition():
+    full = table(3000)
+    rng = np.random.default_rng(5)
+    for seed, budget in [(0, 10_000), (1, 123_456), (2, 1), (3, 10**9)]:
+        expected = naive_random_selection(full, seed, budget)
+        for n_workers in (1, 3, 7):
+            owner = rng.integers(0, n_workers, full.num_rows)
+            parts = [full.filter(pa.array(owner == w)) for w in range(n_workers)]
+            merged = merge_hash_order([hash_order_prefix(p, seed, budget) for p in parts], budget)
+            assert merged["doc_id"].to_pylist() == expected
+            assert sum(merged["n_tokens"].to_pylist()) <= budget
+
+
+def test_empty_inputs():
+    assert merge_hash_order([hash_order_prefix(None, 0, 10)], 10).num_rows == 0
