@@ -1,0 +1,1 @@
+"""Job entrypoints: ``python -m ray_jobs.<job> --config CONFIG`` (also what ``ray job submit`` runs)."""

@@ -1,0 +1,1 @@
+"""Ray actors: thin shells over ``selector`` that add resources, batching and placement."""

@@ -1,0 +1,131 @@
+"""ShardReader: a Ray actor that owns a set of shards, indexes them and serves reads.
+
+Thin over ``selector.corpus`` and ``selector.index``: the actor adds residency (an LRU of
+decoded shards so repeated reads by id don't rescan) and Ray resources.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pyarrow as pa
+import ray
+
+from selector.corpus import Corpus, CorpusConfig, ShardInfo
+from selector.index import hash_order_prefix, index_shard
+from selector.workdir import WorkDir
+
+
+@ray.remote
+class ShardReader:
+    def __init__(self, corpus_config: dict, tokenizer: str, work_root: str, run_id: str,
+                 work_storage_options: dict, shards: list[ShardInfo], cached_shards: int = 2):
+        self.corpus = Corpus(CorpusConfig.model_validate(corpus_config))
+        self.tokenizer_path = tokenizer
+        self.workdir = WorkDir(work_root, run_id, work_storage_options)
+        self.shards = {s.relpath: s for s in shards}
+        self._counter = None
+        self._index: dict[str, pa.Table] = {}
+        self._location: dict[str, tuple[str, int]] = {}
+        self._cache: OrderedDict[str, dict[int, str]] = OrderedDict()
+        self._cached_shards = cached_shards
+
+    def shard_paths(self) -> list[str]:
+        return sorted(self.shards)
+
+    def index(self, relpath: str, config_hash: str) -> dict:
+        """Index one shard (or load its finished index); returns its stats."""
+        from selector.corpus import TokenCounter
+
+        shard = self.shards[relpath]
+        if self._counter is None:
+            self._counter = TokenCounter(self.tokenizer_path)
+        table, stats = index_shard(self.corpus, shard, self._counter, self.workdir, config_hash)
+        self._index[relpath] = table
+        for doc_id, row in zip(table["doc_id"].to_pylist(), table["row"].to_pylist()):
+            self._location[doc_id] = (relpath, row)
+        return stats
+
+    def index_table(self) -> pa.Table:
+        """The index rows of every shard this reader owns (doc_id, shard, row, n_tokens, ...)."""
+        return pa.concat_tables([self._index[p] for p in sorted(self._index)]) if self._index else None
+
+    def hash_order_prefix(self, seed: int, max_tokens: int) -> pa.Table:
+        """Documents in seeded hash order while their cumulative tokens fit in ``max_tokens``."""
+        return hash_order_prefix(self.index_table(), seed, max_tokens)
+
+    def read(self, doc_ids: list[str]) -> list[str]:
+        """Texts of ``doc_ids`` (all owned by this reader), in the order given."""
+        missing = [d for d in doc_ids if d not in self._location]
+        if missing:
+            raise KeyError(f"documents not owned by this reader or not indexed: {missing[:5]}")
+        texts = []
+        for doc_id in doc_ids:
+            relpath, row = self._location[doc_id]
+            texts.append(self._shard_texts(relpath)[row])
+        return texts
+
+    def _shard_texts(self, relpath: str) -> dict[int, str]:
+        if relpath in self._cache:
+            self._cache.move_to_end(relpath)
+            return self._cache[relpath]
+        rows = self._index[relpath]["row"].to_pylist()
+        texts = dict(zip(rows, self.corpus.read_rows(self.shards[relpath], rows).texts))
+        self._cache[relpath] = texts
+        while len(self._cache) > self._cached_shards:
+            self._cache.popitem(last=False)
+        return texts
+
+
+def assign_shards(shards: list[ShardInfo], n_readers: int) -> list[list[ShardInfo]]:
+    """Round-robin by size (largest first), so readers get similar byte counts."""
+    buckets: list[list[ShardInfo]] = [[] for _ in range(min(n_readers, len(shards)))]
+    sizes = [0] * len(buckets)
+    for shard in sorted(shards, key=lambda s: (-s.size, s.relpath)):
+        i = sizes.index(min(sizes))
+        buckets[i].append(shard)
+        sizes[i] += shard.size
+    return buckets
+
+
+def start_shard_readers(corpus_config: CorpusConfig, tokenizer: str, workdir: WorkDir, shards: list[ShardInfo],
+                        n_readers: int, num_cpus: float) -> list:
+    return [
+        ShardReader.options(num_cpus=num_cpus).remote(
+            corpus_config.model_dump(mode="json"), tokenizer, workdir.root, workdir.run_id,
+            workdir.storage_options, bucket)
+        for bucket in assign_shards(shards, n_readers)
+    ]
+
+
+def index_corpus(readers: list, config_hash: str, progress: bool = True) -> dict:
+    """Stage 1 over all readers: each shard indexed once (finished shards are loaded, not redone)."""
+    from workers.progress import gather
+
+    shard_lists = ray.get([r.shard_paths.remote() for r in readers])
+    futures = [reader.index.remote(path, config_hash) for reader, paths in zip(readers, shard_lists) for path in paths]
+    totals = {"documents": 0}
+
+    def running(stats: dict) -> str:
+        totals["documents"] += stats["documents"]
+        return f"{totals['documents']:,} docs"
+
+    per_shard = gather(futures, "index", enabled=progress, on_result=running)
+    return {
+        "shards": per_shard,
+        "documents": sum(s["documents"] for s in per_shard),
+        "tokens": sum(s["tokens"] for s in per_shard),
+        "rejected": sum(s["rejected"] for s in per_shard),
+        "shards_skipped": sum(1 for s in per_shard if s["skipped"]),
+    }
+
+
+def random_selection(readers: list, seed: int, budget_tokens: int) -> pa.Table:
+    """The ``random`` method: the global hash-order prefix under the budget (exact; see selector.index)."""
+    from selector.index import merge_hash_order
+
+    prefixes = ray.get([r.hash_order_prefix.remote(seed, budget_tokens) for r in readers])
+    return merge_hash_order(prefixes, budget_tokens)
+
+
+__all__ = ["ShardReader", "assign_shards", "start_shard_readers", "index_corpus", "random_selection"]
