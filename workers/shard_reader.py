@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
 import pyarrow as pa
 import ray
 
 from selector.corpus import Corpus, CorpusConfig, ShardInfo
-from selector.index import hash_order_prefix, index_shard
+from selector.index import hash_keys, hash_order_prefix, index_shard
 from selector.workdir import WorkDir
 
 
@@ -53,6 +54,15 @@ class ShardReader:
     def hash_order_prefix(self, seed: int, max_tokens: int) -> pa.Table:
         """Documents in seeded hash order while their cumulative tokens fit in ``max_tokens``."""
         return hash_order_prefix(self.index_table(), seed, max_tokens)
+
+    def sample(self, n: int, seed: int) -> list[str]:
+        """Up to ``n`` of this reader's documents, uniformly at random (the first ``n`` in hash order)."""
+        table = self.index_table()
+        if table is None or n <= 0:
+            return []
+        keys = hash_keys(table["doc_id"].to_pylist(), seed)
+        order = np.argsort(keys, kind="stable")[:n]
+        return [table["doc_id"][int(i)].as_py() for i in order]
 
     def read(self, doc_ids: list[str]) -> list[str]:
         """Texts of ``doc_ids`` (all owned by this reader), in the order given."""
@@ -128,4 +138,34 @@ def random_selection(readers: list, seed: int, budget_tokens: int) -> pa.Table:
     return merge_hash_order(prefixes, budget_tokens)
 
 
-__all__ = ["ShardReader", "assign_shards", "start_shard_readers", "index_corpus", "random_selection"]
+def owner_map(readers: list) -> dict[str, int]:
+    """doc_id -> index of the reader that owns it."""
+    tables = ray.get([r.index_table.remote() for r in readers])
+    return {doc_id: i for i, t in enumerate(tables) if t is not None for doc_id in t["doc_id"].to_pylist()}
+
+
+def read_texts(readers: list, owners: dict[str, int], doc_ids: list[str]) -> list[str]:
+    """Texts of ``doc_ids`` in order, each read by the reader that owns it (in parallel)."""
+    by_reader: dict[int, list[str]] = {}
+    for doc_id in doc_ids:
+        if doc_id not in owners:
+            raise KeyError(f"unknown document id {doc_id!r}")
+        by_reader.setdefault(owners[doc_id], []).append(doc_id)
+    futures = {i: readers[i].read.remote(ids) for i, ids in by_reader.items()}
+    texts = {}
+    for i, ids in by_reader.items():
+        texts.update(zip(ids, ray.get(futures[i])))
+    return [texts[d] for d in doc_ids]
+
+
+def random_sample(readers: list, n: int, seed: int) -> list[str]:
+    """``n`` documents uniformly at random from the whole corpus (same for any reader layout)."""
+    from selector.index import hash_keys as keys_of
+
+    candidates = [d for ids in ray.get([r.sample.remote(n, seed) for r in readers]) for d in ids]
+    keys = keys_of(candidates, seed)
+    return [candidates[i] for i in np.argsort(keys, kind="stable")[:n]]
+
+
+__all__ = ["ShardReader", "assign_shards", "start_shard_readers", "index_corpus", "random_selection", "owner_map",
+           "read_texts", "random_sample"]
