@@ -1,0 +1,242 @@
+"""Quad's bandit: an upper-confidence-bound (UCB) state machine over clusters.
+
+Each k-means cluster is an arm. The Quad paper (Zhang et al., ICLR 2025, "Harnessing
+Diversity for Important Data Selection in Pretraining LLMs") scores arm ``i`` with
+
+    UCB_i = R_i + alpha * sqrt( 2 ln(sum_j T_j) / T_i )
+
+where ``R_i`` is the arm's mean reward (the mean influence of its sampled documents minus the
+threshold ``tau``) and ``T_i`` the number of times it was pulled. Like the published code we
+use ``T_i + 1`` in the denominator, so an arm never pulled has a finite bonus:
+
+    score_i = mean_reward_i + alpha * sqrt( 2 ln(max(total_pulls, 1)) / (pulls_i + 1) )
+
+``total_pulls`` counts every pull so far, including pulls of arms that have since left.
+
+Reward scale. Raw influences are tiny (~1e-3) and their scale depends on the model, the
+reference set and the damping, so an ``alpha`` tuned on raw rewards would not transfer. We
+normalise instead (:class:`RewardNormaliser`)::
+
+    reward = (mean sampled influence - tau) / s
+
+with ``s`` a robust scale of the influences of the warm-up sample: the interquartile range
+divided by 1.349 (equal to the standard deviation for a normal distribution, but not thrown
+by the heavy tails influences have). Guards for a degenerate warm-up: if the IQR is 0 we use
+the standard deviation, then the largest absolute value, then 1. Rewards are then in units
+of "typical influence spread", so ``alpha ~ 1`` means the same thing on every corpus, and
+scaling all influences by any factor leaves the selection unchanged.
+
+An arm never pulled (and never reached by propagation) has mean reward 0, i.e. "exactly at
+the threshold"; its exploration bonus does the rest.
+
+Reward propagation (optional, as in the paper's code). When arm ``i`` receives reward ``r``,
+every still-active neighbour ``j`` whose centroid lies at distance ``d < radius`` from ``i``'s
+gets ``r`` folded into its mean with weight ``w = 1 - d / radius``. Propagation updates the
+neighbour's *reward mean only*, not its pull count: the neighbour was not sampled, so its
+exploration bonus (uncertainty) must not shrink. The mean is the weighted mean
+``sum(w * r) / sum(w)`` over direct pulls (weight 1) and propagated rewards.
+
+Exhausted arms (clusters with no documents left) leave the bandit and are never chosen again.
+
+Determinism. There is no random state: ties in the score are broken by a per-arm priority,
+a hash of ``(seed, arm)``, so the same seed and the same rewards give the same choices, and
+:meth:`UCBBandit.to_dict` / :meth:`UCBBandit.from_dict` round-trip exactly through JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+STATE_VERSION = 1
+
+
+def arm_priority(seed: int, arm: int) -> float:
+    """A uniform [0, 1) tie-break key for ``arm``, a pure function of ``(seed, arm)``."""
+    digest = hashlib.blake2b(f"{seed}:arm:{arm}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def robust_scale(values: Iterable[float]) -> float:
+    """IQR / 1.349 of ``values``; falls back to std, max |x|, then 1.0 so it is never 0."""
+    x = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64).ravel()
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return 1.0
+    q75, q25 = np.percentile(x, [75, 25])
+    for s in ((q75 - q25) / 1.349, float(np.std(x)), float(np.max(np.abs(x)))):
+        if s > 0 and math.isfinite(s):
+            return float(s)
+    return 1.0
+
+
+class RewardNormaliser:
+    """``reward = (mean influence - offset) / scale`` (offset is Quad's tau)."""
+
+    def __init__(self, offset: float, scale: float):
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"reward scale must be a positive finite number, got {scale!r}")
+        self.offset = float(offset)
+        self.scale = float(scale)
+
+    @classmethod
+    def from_warmup(cls, warmup_scores: Sequence[float], tau: float) -> "RewardNormaliser":
+        return cls(tau, robust_scale(warmup_scores))
+
+    def __call__(self, mean_influence: float) -> float:
+        return (float(mean_influence) - self.offset) / self.scale
+
+    def to_dict(self) -> dict[str, float]:
+        return {"offset": self.offset, "scale": self.scale}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, float]) -> "RewardNormaliser":
+        return cls(d["offset"], d["scale"])
+
+
+def _neighbour_map(arms: np.ndarray, neighbours: Iterable[Sequence],
+                   radius: float) -> dict[int, list[tuple[int, float]]]:
+    """Symmetric arm -> [(neighbour, distance)] for pairs within ``radius`` (closest distance wins)."""
+    known = set(arms.tolist())
+    best: dict[tuple[int, int], float] = {}
+    for a, b, d in neighbours:
+        a, b, d = int(a), int(b), float(d)
+        if a == b or a not in known or b not in known or not (0.0 <= d < radius):
+            continue
+        for key in ((a, b), (b, a)):  # the clustering table lists both directions; accept either
+            if key not in best or d < best[key]:
+                best[key] = d
+    out: dict[int, list[tuple[int, float]]] = {}
+    for (a, b) in sorted(best):
+        out.setdefault(a, []).append((b, best[(a, b)]))
+    return out
+
+
+class UCBBandit:
+    """UCB over ``arms`` (integer cluster ids). Rewards passed to :meth:`update` are normalised."""
+
+    def __init__(self, arms: Iterable[int], alpha: float = 1.0, seed: int = 0,
+                 neighbours: Iterable[Sequence] = (), radius: float = 0.2, propagate: bool = False):
+        self.arms = np.array(sorted({int(a) for a in arms}), dtype=np.int64)
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if radius <= 0:
+            raise ValueError(f"radius must be > 0, got {radius}")
+        self.alpha = float(alpha)
+        self.seed = int(seed)
+        self.radius = float(radius)
+        self.propagate = bool(propagate)
+        n = len(self.arms)
+        self._pos = {int(a): i for i, a in enumerate(self.arms)}
+        self.pulls = np.zeros(n, np.int64)
+        self.weight = np.zeros(n, np.float64)        # sum of weights of the rewards folded in
+        self.weighted_sum = np.zeros(n, np.float64)  # sum of weight * reward
+        self.active = np.ones(n, bool)
+        self.total_pulls = 0
+        self.priority = np.array([arm_priority(self.seed, int(a)) for a in self.arms], np.float64)
+        self._neighbours = _neighbour_map(self.arms, neighbours, self.radius)
+
+    # -- queries ---------------------------------------------------------------------------
+    def index(self, arm: int) -> int:
+        try:
+            return self._pos[int(arm)]
+        except KeyError:
+            raise KeyError(f"unknown arm {arm}") from None
+
+    def neighbours(self, arm: int) -> list[tuple[int, float]]:
+        """``[(neighbour, weight 1 - d/radius)]`` of ``arm``, by neighbour id."""
+        return [(b, 1.0 - d / self.radius) for b, d in self._neighbours.get(int(arm), [])]
+
+    def means(self) -> np.ndarray:
+        """Mean reward per arm (0 where nothing was observed), in ``self.arms`` order."""
+        return np.divide(self.weighted_sum, self.weight, out=np.zeros_like(self.weight), where=self.weight > 0)
+
+    def scores(self) -> np.ndarray:
+        """UCB score per arm in ``self.arms`` order; ``-inf`` for arms that left."""
+        bonus = self.alpha * np.sqrt(2.0 * math.log(max(self.total_pulls, 1)) / (self.pulls + 1.0))
+        return np.where(self.active, self.means() + bonus, -np.inf)
+
+    def n_active(self) -> int:
+        return int(self.active.sum())
+
+    def active_arms(self) -> list[int]:
+        return self.arms[self.active].tolist()
+
+    def select(self, m: int) -> list[tuple[int, float]]:
+        """The top-``m`` active arms as ``(arm, score)``, best first (ties: seeded priority)."""
+        scores = self.scores()
+        order = np.lexsort((self.priority, -scores))  # last key is primary: score desc, then priority
+        chosen = [i for i in order[: max(m, 0)] if self.active[i]]
+        return [(int(self.arms[i]), float(scores[i])) for i in chosen]
+
+    # -- updates ---------------------------------------------------------------------------
+    def update(self, arm: int, reward: float) -> list[tuple[int, float]]:
+        """Record a pull of ``arm`` with normalised ``reward``; returns the ``(neighbour, weight)``
+        pairs the reward was propagated to."""
+        reward = float(reward)
+        if not math.isfinite(reward):
+            raise ValueError(f"reward for arm {arm} is not finite: {reward}")
+        i = self.index(arm)
+        if not self.active[i]:
+            raise ValueError(f"arm {arm} has left the bandit (exhausted)")
+        self.pulls[i] += 1
+        self.total_pulls += 1
+        self.weight[i] += 1.0
+        self.weighted_sum[i] += reward
+        spread = []
+        if self.propagate:
+            for b, w in self.neighbours(arm):
+                j = self._pos[b]
+                if self.active[j] and w > 0:
+                    self.weight[j] += w
+                    self.weighted_sum[j] += w * reward
+                    spread.append((b, w))
+        return spread
+
+    def remove(self, arm: int) -> None:
+        """``arm`` is exhausted: it leaves the bandit for good."""
+        self.active[self.index(arm)] = False
+
+    # -- state -----------------------------------------------------------------------------
+    def neighbour_triples(self) -> list[list]:
+        return [[a, b, d] for a in sorted(self._neighbours) for b, d in self._neighbours[a]]
+
+    def to_dict(self, include_neighbours: bool = True) -> dict[str, Any]:
+        """JSON-able state; floats round-trip exactly (``json`` writes shortest repr)."""
+        out = {
+            "version": STATE_VERSION,
+            "arms": self.arms.tolist(),
+            "alpha": self.alpha,
+            "seed": self.seed,
+            "radius": self.radius,
+            "propagate": self.propagate,
+            "pulls": self.pulls.tolist(),
+            "weight": self.weight.tolist(),
+            "weighted_sum": self.weighted_sum.tolist(),
+            "active": self.active.tolist(),
+            "total_pulls": int(self.total_pulls),
+        }
+        if include_neighbours:
+            out["neighbours"] = self.neighbour_triples()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], neighbours: Iterable[Sequence] | None = None) -> "UCBBandit":
+        """Restore; ``neighbours`` must be given when the state was saved without them."""
+        if d.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported bandit state version {d.get('version')!r}")
+        if neighbours is None:
+            if "neighbours" not in d:
+                raise ValueError("bandit state was saved without neighbours: pass them to from_dict")
+            neighbours = d["neighbours"]
+        b = cls(d["arms"], alpha=d["alpha"], seed=d["seed"], neighbours=neighbours, radius=d["radius"],
+                propagate=d["propagate"])
+        b.pulls = np.array(d["pulls"], np.int64)
+        b.weight = np.array(d["weight"], np.float64)
+        b.weighted_sum = np.array(d["weighted_sum"], np.float64)
+        b.active = np.array(d["active"], bool)
+        b.total_pulls = int(d["total_pulls"])
+        return b

@@ -1,0 +1,137 @@
+"""BanditActor on a real local Ray: checkpoints, kill + resume, named-actor reuse."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import pytest
+
+from selector.quad import QuadConfig, QuadSelector, load_cluster_inputs
+from selector.workdir import WorkDir
+
+from _quad_helpers import write_cluster_stage
+
+N_CLUSTERS = 8
+MEANS = np.linspace(-1.5, 1.5, N_CLUSTERS)
+
+
+def _docs(n_per_cluster=80):
+    rng = np.random.default_rng(0)
+    ids = [f"c{c}/d{i}" for c in range(N_CLUSTERS) for i in range(n_per_cluster)]
+    clusters = np.repeat(np.arange(N_CLUSTERS), n_per_cluster)
+    return {"doc_id": ids, "cluster": clusters.tolist(), "n_tokens": rng.integers(10, 60, len(ids)).tolist()}
+
+
+NEIGHBOURS = [(a, a + 1, 0.12) for a in range(N_CLUSTERS - 1)]
+# one arm per round and small blocks: > HISTORY_SEGMENT rounds, so log segments are exercised
+CONFIG = QuadConfig(arms_per_round=1, block_size=4, sample_ratio=0.5, warmup_size=40, alpha=0.5)
+
+
+def _influence(doc_id: str) -> float:
+    cluster = int(doc_id.split("/")[0][1:])
+    noise = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=4).digest(), "little") / 2**32 - 0.5
+    return (MEANS[cluster] + 2.0 * noise) * 1e-3
+
+
+def _score_fn(requests):
+    return [[_influence(d) for d in sample] for _, sample in requests]
+
+
+def _wait_dead(actor, timeout=30.0):
+    import ray
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            ray.get(actor.status.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the killed actor still answers")
+
+
+def _reference(docs, budget):
+    q = QuadSelector(CONFIG, docs["doc_id"], docs["cluster"], docs["n_tokens"], budget, NEIGHBOURS, seed=5)
+    while (plan := q.plan_round()) is not None:
+        q.apply_round(_score_fn(plan.requests()))
+    return q
+
+
+def test_killed_bandit_resumes_from_its_checkpoint_and_finishes_like_an_uninterrupted_run(ray_local, tmp_path):
+    import ray
+
+    from workers.bandit import HISTORY_SEGMENT, bandit_actor_name, run_quad_rounds, start_bandit
+
+    docs = _docs()
+    budget = int(sum(docs["n_tokens"]) * 0.5)
+    reference = _reference(docs, budget)
+    assert reference.summary()["rounds"] > HISTORY_SEGMENT + 10
+
+    workdir = WorkDir(str(tmp_path / "work"), "quad-kill")
+    bandit = start_bandit(workdir, CONFIG, budget, seed=5, docs=docs, neighbours=NEIGHBOURS)
+    kill_at = HISTORY_SEGMENT + 5
+    seen = []
+
+    def killing_score_fn(requests):
+        seen.append(requests)
+        if len(seen) == kill_at + 1:  # the warm-up is call 1: kill while round kill_at is being scored
+            ray.kill(bandit, no_restart=True)
+            _wait_dead(bandit)  # ray.kill is asynchronous: make sure the report below cannot land
+        return _score_fn(requests)
+
+    with pytest.raises(ray.exceptions.RayActorError):
+        run_quad_rounds(bandit, killing_score_fn, progress=False)
+    state = workdir.read_state("bandit")
+    assert state["next_round"] == kill_at  # checkpointed after every round, the killed round not applied
+    assert workdir.read_state(f"bandit-history-{0:06d}") is not None  # the first log segment was split off
+
+    restarted = start_bandit(workdir, CONFIG, budget, seed=5, docs=docs, neighbours=NEIGHBOURS)
+    status = ray.get(restarted.status.remote())
+    assert status["resumed"] and status["round"] == kill_at and status["discarded_checkpoint"] is None
+    assert ray.get(restarted.plan_round.remote())["items"][0]["sample"] == seen[-1][0][1]  # same plan re-issued
+    # the name is the run's: asking again returns the live actor
+    assert ray.get(ray.get_actor(bandit_actor_name("quad-kill")).status.remote())["round"] == kill_at
+    messages = []
+    final = run_quad_rounds(start_bandit(workdir, CONFIG, budget, seed=5, docs=docs, neighbours=NEIGHBOURS),
+                            _score_fn, progress=False, log=messages.append)
+    assert final["done"] and final["stop_reason"] == reference.stop_reason
+    assert any("resumed" in m for m in messages)
+    assert ray.get(restarted.selection.remote()) == reference.selection()
+    assert ray.get(restarted.summary.remote()) == reference.summary()
+    # a retried report for an applied round returns its record and changes nothing
+    assert ray.get(restarted.report.remote([[0.0]], 3)) == reference.history[3]
+    ray.kill(restarted)
+
+
+def test_checkpoint_of_another_config_is_not_resumed(ray_local, tmp_path):
+    import ray
+
+    from workers.bandit import run_quad_rounds, start_bandit
+
+    docs = _docs(n_per_cluster=20)
+    budget = int(sum(docs["n_tokens"]) * 0.3)
+    workdir = WorkDir(str(tmp_path / "work"), "quad-config")
+    # the first actor reads its documents and neighbours from the cluster stage's outputs
+    keys = write_cluster_stage(workdir, docs["doc_id"], docs["cluster"], docs["n_tokens"])
+    first = start_bandit(workdir, CONFIG, budget, seed=5, cluster_keys=keys)
+    run_quad_rounds(first, _score_fn, progress=False)
+    loaded, neighbours = load_cluster_inputs(workdir, keys)
+    alone = QuadSelector(CONFIG, loaded["doc_id"], loaded["cluster"], loaded["n_tokens"], budget, neighbours, seed=5)
+    while (plan := alone.plan_round()) is not None:
+        alone.apply_round(_score_fn(plan.requests()))
+    assert ray.get(first.selection.remote()) == alone.selection()
+    ray.kill(first, no_restart=True)
+    _wait_dead(first)
+    other = CONFIG.model_copy(update={"alpha": 2.0})
+    second = start_bandit(workdir, other, budget, seed=5, docs=docs, neighbours=NEIGHBOURS)
+    status = ray.get(second.status.remote())
+    assert not status["resumed"] and "config" in status["discarded_checkpoint"] and status["round"] == 0
+    run_quad_rounds(second, _score_fn, progress=False)
+    expected = QuadSelector(other, docs["doc_id"], docs["cluster"], docs["n_tokens"], budget, NEIGHBOURS, seed=5)
+    while (plan := expected.plan_round()) is not None:
+        expected.apply_round(_score_fn(plan.requests()))
+    assert ray.get(second.selection.remote()) == expected.selection()
+    assert workdir.read_state("bandit")["config"]["alpha"] == 2.0
+    ray.kill(second)

@@ -1,0 +1,194 @@
+"""BanditActor: Quad's central bandit as a named Ray actor, checkpointed every round.
+
+Thin over :class:`selector.quad.QuadSelector`. One actor per run (named from the run id,
+``get_if_exists``), so a driver that restarts finds the running actor, and an actor that
+restarts (or a new job on the same work dir) resumes from the work dir:
+
+    runs/<run_id>/state/bandit.json                 QuadSelector.to_dict(history_since=...)
+    runs/<run_id>/state/bandit-history-<n>.json     round-log segments of HISTORY_SEGMENT rounds
+
+The checkpoint is written after every round (segments first, then ``bandit.json``, each
+atomically), so a crash loses at most the round being scored: the plan of that round is a
+pure function of the checkpoint and is re-issued identically. A checkpoint taken under a
+different Quad config, seed, budget, document set or neighbour set is not resumed: the
+actor starts afresh and says why in :meth:`BanditActor.status`.
+
+The driver loop (:func:`run_quad_rounds`) asks for a plan, has ``score_fn`` compute the
+sampled documents' influences (shard readers + influence workers, in parallel), and reports
+the scores back.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import ray
+
+from selector.quad import QuadConfig, QuadSelector, StateMismatch, load_cluster_inputs
+from selector.workdir import WorkDir
+
+STATE_NAME = "bandit"
+HISTORY_SEGMENT = 100  # rounds per log segment: per-round checkpoints rewrite at most this many
+
+
+def bandit_actor_name(run_id: str) -> str:
+    return f"thresher-quad-bandit-{run_id}"
+
+
+def _history_name(segment: int) -> str:
+    return f"{STATE_NAME}-history-{segment:06d}"
+
+
+def _columns(docs: Any) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``doc_id, cluster, n_tokens`` from a pyarrow table or a mapping of columns."""
+    if hasattr(docs, "column_names"):  # pyarrow.Table
+        return (docs.column("doc_id").to_pylist(), docs.column("cluster").to_numpy().astype(np.int64),
+                docs.column("n_tokens").to_numpy().astype(np.int64))
+    return list(docs["doc_id"]), np.asarray(docs["cluster"], np.int64), np.asarray(docs["n_tokens"], np.int64)
+
+
+@ray.remote
+class BanditActor:
+    """The Quad state machine behind a Ray handle; see the module docstring."""
+
+    def __init__(self, work: tuple, config: dict, budget_tokens: int, seed: int, docs: Any = None,
+                 neighbours: Sequence[Sequence] | None = None, cluster_keys: Sequence[str] | None = None):
+        self.workdir = WorkDir(*work)
+        cfg = QuadConfig.model_validate(config)
+        if docs is None:
+            if cluster_keys is None:
+                raise ValueError("give docs (doc_id, cluster, n_tokens) or cluster_keys to read them from the work dir")
+            docs, loaded = load_cluster_inputs(self.workdir, cluster_keys)
+            neighbours = loaded if neighbours is None else neighbours
+        ids, clusters, tokens = _columns(docs)
+        neighbours = list(neighbours or [])
+        self.resumed = False
+        self.discarded: str | None = None
+        self.quad: QuadSelector | None = None
+        state = self.workdir.read_state(STATE_NAME)
+        if state is not None:
+            expected = {"config": cfg.model_dump(mode="json"), "seed": int(seed), "budget": int(budget_tokens)}
+            differs = [k for k, v in expected.items() if state.get(k) != v]
+            if differs:
+                self.discarded = f"checkpoint has a different {', '.join(differs)}"
+            else:
+                try:
+                    prefix = self._read_history(int(state["history_offset"]))
+                    self.quad = QuadSelector.from_dict(state, ids, clusters, tokens, neighbours, prefix)
+                    self.resumed = True
+                except (StateMismatch, FileNotFoundError, KeyError) as exc:
+                    self.discarded = f"checkpoint not usable: {exc}"
+        if self.quad is None:
+            self.quad = QuadSelector(cfg, ids, clusters, tokens, budget_tokens, neighbours, seed)
+        self._segments_written = len(self.quad.history) // HISTORY_SEGMENT if self.resumed else 0
+
+    # -- the loop --------------------------------------------------------------------------
+    def plan_round(self) -> dict | None:
+        """The round to score: ``{"round", "kind", "items": [{"cluster", "block", "sample", ...}]}``,
+        or None when the selection is finished."""
+        plan = self.quad.plan_round()
+        return None if plan is None else plan.to_dict()
+
+    def report(self, scores: Sequence[Sequence[float]] | Mapping[int, Sequence[float]],
+               round_no: int | None = None) -> dict:
+        """Apply the planned round's sample scores (one list per item, in plan order, or
+        ``{cluster: scores}``), checkpoint, and return the round's history record.
+
+        With ``round_no``: a report for a round already applied (a retried call) returns that
+        round's record without applying anything again.
+        """
+        if round_no is not None and round_no != self.quad.next_round:
+            for rec in self.quad.history:
+                if rec["round"] == round_no:
+                    return rec
+            raise ValueError(f"report for round {round_no}, but the bandit is at round {self.quad.next_round}")
+        record = self.quad.apply_round(scores)
+        self._checkpoint()
+        return record
+
+    def _checkpoint(self) -> None:
+        history = self.quad.history
+        full = len(history) // HISTORY_SEGMENT
+        for seg in range(self._segments_written, full):  # segments before the state that refers to them
+            self.workdir.write_state(_history_name(seg), history[seg * HISTORY_SEGMENT:(seg + 1) * HISTORY_SEGMENT])
+        self._segments_written = full
+        self.workdir.write_state(STATE_NAME, self.quad.to_dict(history_since=full * HISTORY_SEGMENT))
+
+    def _read_history(self, offset: int) -> list[dict]:
+        records: list[dict] = []
+        for seg in range(offset // HISTORY_SEGMENT):
+            part = self.workdir.read_state(_history_name(seg))
+            if part is None:
+                raise FileNotFoundError(f"round-log segment {_history_name(seg)} is missing")
+            records.extend(part)
+        return records
+
+    # -- results ---------------------------------------------------------------------------
+    def selection(self) -> dict[str, list]:
+        """Manifest rows: ``doc_id, cluster, n_tokens, score, round`` (see QuadSelector.selection)."""
+        return self.quad.selection()
+
+    def summary(self) -> dict:
+        """``manifest.json["quad"]``: settings, tau, reward scale, stop reason, round log."""
+        return self.quad.summary()
+
+    def status(self) -> dict:
+        q = self.quad
+        return {"round": q.next_round, "phase": q.phase, "done": q.done, "stop_reason": q.stop_reason,
+                "used_tokens": int(q.used_tokens), "budget": q.budget, "active_arms": q.bandit.n_active(),
+                "arms": len(q.queues.cluster_ids), "tau": q.tau, "reward_scale": q.scale,
+                "resumed": self.resumed, "discarded_checkpoint": self.discarded}
+
+
+def start_bandit(workdir: WorkDir, config: QuadConfig | dict, budget_tokens: int, seed: int, docs: Any = None,
+                 neighbours: Sequence[Sequence] | None = None, cluster_keys: Sequence[str] | None = None,
+                 num_cpus: float = 0.1):
+    """The run's bandit actor: the live one if it exists (its arguments then are not used),
+    else a new one that resumes from the work dir's checkpoint when there is a usable one."""
+    cfg = config.model_dump(mode="json") if isinstance(config, QuadConfig) else dict(config)
+    work = (workdir.root, workdir.run_id, workdir.storage_options)
+    return BanditActor.options(name=bandit_actor_name(workdir.run_id), get_if_exists=True,
+                               num_cpus=num_cpus).remote(work, cfg, int(budget_tokens), int(seed), docs=docs,
+                                                         neighbours=neighbours, cluster_keys=cluster_keys)
+
+
+ScoreFn = Callable[[list[tuple[int, list[str]]]], Sequence[Sequence[float]]]
+
+
+def run_quad_rounds(bandit, score_fn: ScoreFn, progress: bool = True, log: Callable[[str], Any] | None = None) -> dict:
+    """Drive ``bandit`` to the end: plan, score, report, until it is done; returns its status.
+
+    ``score_fn([(cluster, sample doc_ids), ...])`` returns one list of influence scores per
+    request (same order, one per document). It is where the lead plugs in shard readers and
+    influence workers; it runs on the driver, so it may fan out Ray tasks itself.
+    """
+    from tqdm import tqdm
+
+    status = ray.get(bandit.status.remote())
+    if log and status["resumed"]:
+        log(f"quad: resumed the bandit at round {status['round']} ({status['used_tokens']:,} tokens selected)")
+    if log and status["discarded_checkpoint"]:
+        log(f"quad: started afresh ({status['discarded_checkpoint']})")
+    used = status["used_tokens"]
+    with tqdm(total=status["budget"], initial=used, desc="quad", unit="tok", unit_scale=True,
+              disable=not progress, file=sys.stderr, mininterval=0.5, dynamic_ncols=True) as bar:
+        while True:
+            plan = ray.get(bandit.plan_round.remote())
+            if plan is None:
+                break
+            scores = score_fn([(item["cluster"], item["sample"]) for item in plan["items"]])
+            record = ray.get(bandit.report.remote([list(map(float, s)) for s in scores], plan["round"]))
+            now = record.get("budget_used", used)
+            bar.update(now - used)
+            used = now
+            if record["kind"] == "warmup":
+                bar.set_postfix_str(f"tau={record['tau']:.3g} scale={record['reward_scale']:.3g}", refresh=False)
+            else:
+                bar.set_postfix_str(f"round {record['round']} arms {record['active_arms']}", refresh=False)
+    status = ray.get(bandit.status.remote())
+    if log:
+        log(f"quad: stopped ({status['stop_reason']}) after round {status['round'] - 1}: "
+            f"{status['used_tokens']:,} of {status['budget']:,} tokens")
+    return status
