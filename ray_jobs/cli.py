@@ -130,6 +130,106 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="Folder for the demo co
     console.print(f"\nmanifest: {uri}\nre-run the job: thresher run {config_path}")
 
 
+runs_app = typer.Typer(help="List and inspect runs: committed manifests and unfinished work dirs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+def _storage_options(value: Optional[str]) -> Optional[dict]:
+    try:
+        return json.loads(value) if value else None
+    except json.JSONDecodeError as exc:
+        _fail(ValueError(f"--storage-options is not valid JSON: {exc}"))
+
+
+def _num(value) -> str:
+    return "" if value is None else f"{value:,}"
+
+
+@runs_app.command("list")
+def runs_list(root: str = typer.Argument(..., help="The work root (work.root of the job config)."),
+              storage_options: Optional[str] = typer.Option(None, help="fsspec options as JSON (for s3:// etc.)."),
+              as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """List the runs under a root: committed ones with counts and dates, incomplete ones with their stages."""
+    from selector.errors import ThresherError
+    from selector.lease import list_leases
+    from selector.runs import list_runs
+
+    options = _storage_options(storage_options)
+    try:
+        runs, leases = list_runs(root, options), list_leases(root, options)
+    except (ThresherError, OSError) as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps({"runs": runs, "leases": leases}, default=str))
+        return
+    if not runs:
+        console.print(f"no runs under {root}")
+    else:
+        table = Table(show_lines=False)
+        for column in ("run", "status", "method", "created", "documents", "tokens", "budget", "shards", "config"):
+            table.add_column(column, overflow="fold")
+        for r in runs:
+            done = ", ".join(f"{k} {v}" for k, v in r.get("stages", {}).items())
+            table.add_row(r["run_id"], r["status"] if r["status"] == "committed" else f"incomplete ({done or 'empty'})",
+                          r["method"] or "", (r["created_at"] or "")[:19], _num(r["documents"]),
+                          _num(r["selected_tokens"]), _num(r["budget_tokens"]), _num(r["shards"]),
+                          (r["config_hash"] or "")[:12])
+        console.print(table)
+    for lease in leases:
+        state = "stale" if lease["stale"] else "held"
+        console.print(f"lease {lease['name']}: {state} by {lease['holder']} (host {lease['host']}, pid {lease['pid']}), "
+                      f"last heartbeat {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(lease['heartbeat_at']))}")
+
+
+@runs_app.command("show")
+def runs_show(root: str = typer.Argument(..., help="The work root (work.root of the job config)."),
+              run_id: str = typer.Argument(..., help="The run id (see `thresher runs list`)."),
+              storage_options: Optional[str] = typer.Option(None, help="fsspec options as JSON (for s3:// etc.)."),
+              as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text.")):
+    """Show one run: status, method, config hash, counts, budget, dates, shards and stage progress."""
+    from selector.errors import ThresherError
+    from selector.runs import show_run
+
+    try:
+        info = show_run(root, run_id, _storage_options(storage_options))
+    except (ThresherError, OSError) as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(info, default=str))
+        return
+    console.print(f"[bold]{info['run_id']}[/]  {info['status']}  method {info.get('method') or '?'}  "
+                  f"config {info.get('config_hash') or '?'}")
+    if info["status"] == "committed":
+        budget, corpus = info["budget"], info["corpus"]
+        console.print(f"manifest {info['manifest_uri']}  created {info['created_at']}  ({info['parts']} parts)")
+        console.print(f"selected {_num(info['documents'])} documents, {_num(budget.get('selected_tokens'))} tokens "
+                      f"(budget {_num(budget.get('tokens'))})")
+        console.print(f"corpus {corpus['uri']}: {corpus['shards']} shards, {_num(corpus['documents'])} documents, "
+                      f"{_num(corpus['tokens'])} tokens, {corpus['rejected']} rejected")
+        by_method = ", ".join(f"{k} {v:,}" for k, v in info["counts"]["by_method"].items())
+        console.print(f"by method: {by_method or '-'}; clusters represented: {info['counts']['clusters']}")
+        for shard in info["shards"]:
+            console.print(f"  shard {shard}", markup=False)
+    if info.get("work_uri"):
+        console.print(f"work dir {info['work_uri']}  first write {info.get('started_at')}  last write {info.get('updated_at')}")
+        for stage, s in info.get("stages", {}).items():
+            console.print(f"  stage {stage}: {s['done']} shards done ({s['files']} files)")
+
+
+@app.command()
+def report(manifest: str = typer.Argument(..., help="Manifest URI (<root>/manifests/<run_id>)."),
+           out: Path = typer.Option(Path("report.html"), help="Where to write the HTML report."),
+           storage_options: Optional[str] = typer.Option(None, help="fsspec options as JSON (for s3:// etc.).")):
+    """Write a self-contained HTML report of a manifest (bandit rounds, rewards, tokens per cluster)."""
+    from selector.errors import ThresherError
+    from selector.report import report_command
+
+    try:
+        console.print(report_command(manifest, str(out), _storage_options(storage_options)))
+    except ThresherError as exc:
+        _fail(exc)
+
+
 def main() -> None:
     app()
 

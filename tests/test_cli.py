@@ -16,7 +16,8 @@ def thresher(*args, timeout=600):
                                "HOME": str(Path.home()), "RAY_USAGE_STATS_ENABLED": "0"})
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["manifest"], ["manifest", "show"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["manifest"], ["manifest", "show"], ["runs"],
+                                     ["runs", "list"], ["runs", "show"], ["report"]])
 def test_every_command_documents_itself(command):
     result = thresher(*command, "--help")
     assert result.returncode == 0, result.stderr
@@ -58,3 +59,17 @@ def test_demo_then_manifest_show(tmp_path):
     assert "method random" in shown.stdout and "selected" in shown.stdout
     missing = thresher("manifest", "show", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "no manifest at" in missing.stdout
+
+
+def test_runs_list_and_show(tmp_path):
+    from selector.manifest import ManifestWriter, selection_table
+
+    w = ManifestWriter(str(tmp_path), "random-aaa")
+    w.write(selection_table({"doc_id": ["d0"], "shard": ["s"], "row": [0], "n_tokens": [5], "method": ["random"]}))
+    w.commit({"method": "random", "config_hash": "abc", "budget": {"tokens": 10, "selected_tokens": 5}})
+    listed = thresher("runs", "list", str(tmp_path))
+    assert listed.returncode == 0 and "random-aaa" in listed.stdout and "committed" in listed.stdout
+    shown = thresher("runs", "show", str(tmp_path), "random-aaa")
+    assert shown.returncode == 0 and "selected 1 documents" in shown.stdout
+    missing = thresher("runs", "show", str(tmp_path), "nope")
+    assert missing.returncode == 2 and "no run 'nope'" in missing.stdout
