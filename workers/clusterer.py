@@ -1,0 +1,88 @@
+"""Cluster stage on Ray: one k-means fit task, then one assignment task per shard.
+
+Thin over ``selector.clustering``. The fit runs as a single task (on a GPU when the cluster
+has one and faiss-gpu is installed there) that samples the embeddings, picks k and writes
+the centroids; the assignment tasks each read the centroids and one shard's embeddings
+from the work dir, so no large array passes through the driver. The driver then writes the
+cluster and neighbour tables (streaming the per-shard assignment files).
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from selector.clustering import (ClusterConfig, ClusterModel, assign_hash_for, assign_shard, fit_stage,
+                                 load_centroids, write_summaries)
+from selector.workdir import WorkDir
+
+
+def _limit_threads(num_cpus: float) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, int(num_cpus)))
+
+
+@ray.remote
+def _fit_task(work: tuple, keys: list[str], config: dict, num_cpus: float) -> dict:
+    _limit_threads(num_cpus)
+    workdir = WorkDir(*work)
+    cfg = ClusterConfig.model_validate(config)
+    model, result = fit_stage(workdir, keys, cfg)
+    return {"k": result.k, "fit_hash": result.fit_hash, "assign_hash": assign_hash_for(result.fit_hash, model),
+            "elbow": result.elbow, "fit_seconds": result.fit_seconds, "fit_skipped": result.fit_skipped}
+
+
+@ray.remote
+def _assign_task(work: tuple, key: str, assign_hash: str, batch_size: int, use_gpu: bool, num_cpus: float) -> dict:
+    _limit_threads(num_cpus)
+    workdir = WorkDir(*work)
+    model = ClusterModel(load_centroids(workdir), use_gpu=use_gpu)
+    return dict(assign_shard(workdir, key, model, assign_hash, batch_size), key=key)
+
+
+def cluster_corpus(workdir: WorkDir, keys: list[str], config: ClusterConfig, progress: bool = True,
+                   num_cpus: float = 0.5, fit_num_cpus: float = 1.0, use_gpu: bool | None = None) -> dict:
+    """Fit (or reuse) the centroids, assign every shard in parallel, write the summary tables.
+
+    ``keys`` are the embedded shards' keys (``embed_corpus(...)["keys"]``). The fit task
+    takes ``fit_num_cpus`` (and as many faiss threads), each assignment task ``num_cpus``.
+    ``use_gpu`` defaults to whether the Ray cluster has GPUs and ``cluster.use_gpu`` is not
+    false; the tasks then take a GPU each and faiss-gpu must be importable on the workers.
+    """
+    from workers.progress import gather
+
+    keys = sorted(keys)
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and config.use_gpu is not False
+    resources = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": num_cpus}
+    fit_resources = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": fit_num_cpus}
+    cfg = config.model_copy(update={"use_gpu": bool(use_gpu)})
+    work = (workdir.root, workdir.run_id, workdir.storage_options)
+    start = time.perf_counter()
+    fit = ray.get(_fit_task.options(**fit_resources).remote(work, keys, cfg.model_dump(mode="json"),
+                                                            fit_resources["num_cpus"]))
+    fit_done = time.perf_counter()
+    futures = [_assign_task.options(**resources).remote(work, key, fit["assign_hash"], cfg.assign_batch_size,
+                                                        bool(use_gpu), resources["num_cpus"]) for key in keys]
+    per_shard = gather(futures, "cluster", enabled=progress)
+    model = ClusterModel(load_centroids(workdir))  # the neighbour search is small: CPU on the driver
+    table, neighbours = write_summaries(workdir, keys, model, fit["assign_hash"], config)
+    sizes = table.column("size").to_numpy()
+    return {
+        **fit,
+        "documents": int(sum(s.get("n_docs", 0) for s in per_shard)),
+        "shards_assigned": sum(1 for s in per_shard if not s["skipped"]),
+        "shards_skipped": sum(1 for s in per_shard if s["skipped"]),
+        "empty_clusters": int((sizes == 0).sum()),
+        "largest_cluster": int(sizes.max()) if len(sizes) else 0,
+        "neighbour_pairs": neighbours.num_rows,
+        "assign_seconds": round(time.perf_counter() - fit_done, 3),
+        "seconds": round(time.perf_counter() - start, 3),
+        "use_gpu": bool(use_gpu),
+        "shards": per_shard,
+    }
+
+
+__all__ = ["cluster_corpus"]

@@ -1,0 +1,115 @@
+"""Embed stage on Ray: a pool of ``EmbedWorker`` actors, each holding one encoder.
+
+Thin over ``selector.embedding``: the actor adds residency (the model is loaded once per
+actor, not per shard) and resources (one GPU per actor when the cluster has GPUs, else a
+fraction of a CPU, since whole-CPU actors starve other Ray work on small machines). The
+driver decides which shards are already done (same config hash) before any actor starts,
+so a fully finished stage loads no model at all.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+
+import ray
+from tqdm import tqdm
+
+from selector.corpus import Corpus, CorpusConfig, ShardInfo
+from selector.embedding import EmbedConfig, Encoder, embed_shard, encoder_identity, shard_config_hash, STAGE
+from selector.workdir import WorkDir, shard_key
+
+
+@ray.remote
+class EmbedWorker:
+    def __init__(self, corpus_config: dict, embed_config: dict, work_root: str, run_id: str,
+                 work_storage_options: dict):
+        self.corpus = Corpus(CorpusConfig.model_validate(corpus_config))
+        self.encoder = Encoder(EmbedConfig.model_validate(embed_config))
+        self.workdir = WorkDir(work_root, run_id, work_storage_options)
+
+    def info(self) -> dict:
+        import torch
+
+        return {"device": self.encoder.device, "dtype": str(self.encoder.torch_dtype), "dim": self.encoder.dim,
+                "threads": torch.get_num_threads(), "identity": self.encoder.identity()}
+
+    def embed(self, shard: ShardInfo, config_hash: str) -> dict:
+        return asdict(embed_shard(self.corpus, shard, self.encoder, self.workdir, config_hash))
+
+
+def embed_corpus(corpus_config: CorpusConfig, embed_config: EmbedConfig, workdir: WorkDir,
+                 shards: list[ShardInfo], n_workers: int = 2, progress: bool = True,
+                 num_cpus: float | None = None, use_gpu: bool | None = None) -> dict:
+    """Embed every shard not already done; returns totals and per-shard stats.
+
+    ``use_gpu`` defaults to whether the Ray cluster has GPUs (and ``embed.device`` is not
+    'cpu'); then each actor takes one GPU. On CPU each actor takes ``num_cpus`` (default
+    0.5) and, unless ``embed.num_threads`` is set, that many torch threads (at least one).
+    """
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and embed_config.device != "cpu"
+    device = "cuda" if use_gpu else "cpu"
+    identity = encoder_identity(embed_config, device)
+    hashes = {s.relpath: shard_config_hash(identity, corpus_config, s) for s in shards}
+    todo = [s for s in shards if not workdir.is_done(STAGE, shard_key(s.relpath), hashes[s.relpath])]
+    skipped = [s for s in shards if s not in todo]
+    start = time.perf_counter()
+    per_shard: list[dict] = []
+    for s in skipped:
+        marker = (workdir.read_marker(STAGE, shard_key(s.relpath)) or {}).get("stats", {})
+        per_shard.append({"shard": s.relpath, "key": shard_key(s.relpath), "skipped": True,
+                          "n_docs": int(marker.get("n_docs", 0)), "n_truncated": int(marker.get("n_truncated", 0)),
+                          "n_tokens": int(marker.get("n_tokens_encoder", 0)),
+                          "n_rejected": int(marker.get("n_rejected", 0)), "seconds": 0.0})
+    info = None
+    if todo:
+        cfg = embed_config
+        if use_gpu:
+            options = {"num_gpus": 1, "num_cpus": num_cpus or 1}
+            cfg = embed_config.model_copy(update={"device": "cuda"})
+        else:
+            cpus = num_cpus or 0.5
+            options = {"num_cpus": cpus}
+            cfg = embed_config.model_copy(update={"device": "cpu",
+                                                  "num_threads": embed_config.num_threads or max(1, int(cpus))})
+        actors = [EmbedWorker.options(**options).remote(
+            corpus_config.model_dump(mode="json"), cfg.model_dump(mode="json"), workdir.root, workdir.run_id,
+            workdir.storage_options) for _ in range(max(1, min(n_workers, len(todo))))]
+        try:
+            info = ray.get(actors[0].info.remote())
+            pool = ray.util.ActorPool(actors)
+            # Largest shards first, so the last shard to finish is a small one.
+            ordered = sorted(todo, key=lambda s: (-s.size, s.relpath))
+            for s in ordered:
+                pool.submit(lambda a, sh: a.embed.remote(sh, hashes[sh.relpath]), s)
+            with tqdm(total=len(ordered), desc="embed", unit="shard", disable=not progress, file=sys.stderr,
+                      mininterval=0.5, dynamic_ncols=True) as bar:
+                docs = 0
+                while pool.has_next():
+                    stats = pool.get_next_unordered()
+                    per_shard.append(stats)
+                    docs += stats["n_docs"]
+                    bar.set_postfix_str(f"{docs:,} docs", refresh=False)
+                    bar.update(1)
+        finally:
+            for actor in actors:  # free the models (and GPUs) for later stages
+                ray.kill(actor)
+    per_shard.sort(key=lambda r: r["shard"])
+    return {
+        "shards": per_shard,
+        "documents": sum(r["n_docs"] for r in per_shard),
+        "truncated": sum(r["n_truncated"] for r in per_shard),
+        "encoder_tokens": sum(r["n_tokens"] for r in per_shard),
+        "rejected": sum(r["n_rejected"] for r in per_shard),
+        "shards_embedded": len(todo),
+        "shards_skipped": len(skipped),
+        "seconds": round(time.perf_counter() - start, 3),
+        "device": device,
+        "worker": info,
+        "keys": [shard_key(s.relpath) for s in shards],
+    }
+
+
+__all__ = ["EmbedWorker", "embed_corpus"]
