@@ -161,10 +161,15 @@ class Manifest:
 
 
 def pack_mask(mask: np.ndarray) -> bytes:
+    """Bit-pack a boolean token mask (little bit order: token i is bit i%8 of byte i//8)."""
     return np.packbits(np.asarray(mask, dtype=bool), bitorder="little").tobytes()
 
 
 def unpack_mask(packed: bytes, n: int) -> np.ndarray:
+    """The ``n``-token boolean mask from :func:`pack_mask` bytes."""
+    need = (n + 7) // 8
+    if len(packed) != need:
+        raise ManifestError(f"packed mask has {len(packed)} bytes; {n} tokens need {need}")
     return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=n, bitorder="little").astype(bool)
 
 

@@ -1,0 +1,275 @@
+"""Ray actors for Rho-1: reference/training per-token losses, document scores, token masks.
+
+Each :class:`LossWorker` holds both models (one GPU each when the cluster has GPUs, else
+``worker_num_cpus`` CPUs) and is a thin shell over :class:`selector.rho.RhoScorer`.
+
+Two driver-side entry points:
+
+* :func:`score_documents` — document scores for ``method: perplexity`` (mean reference loss)
+  and ``method: rho`` (mean excess loss). Only per-document numbers travel to the driver.
+* :func:`compute_token_masks` — the ``mask`` stage over a selection. Global-sketch mode is
+  two-phase so per-token losses never leave the workers: (1) every worker scores its batches,
+  keeps their excess losses and returns a histogram; (2) the driver merges the histograms,
+  picks the threshold bin, and every worker turns its stored losses into packed masks.
+  Global-exact mode ships the excess losses to the driver and ranks them there (memory:
+  4 bytes per token on the driver). Per-batch mode is computed inside each worker call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from selector.corpus import Corpus, CorpusConfig, DocumentBatch, RejectSink
+from selector.errors import ModelLoadError, ThresherError
+from selector.models import require_same_tokenizer
+from selector.rho import (ExcessHistogram, RhoConfig, excess_losses, mean_scores, pack_mask, topk_masks_exact,
+                          topk_masks_per_batch)
+
+
+@ray.remote
+class LossWorker:
+    """Both models of one Rho-1 run; scores documents and keeps excess losses for masking."""
+
+    def __init__(self, config: dict, storage_options: dict | None = None, corpus_config: dict | None = None):
+        from selector.rho import RhoScorer
+
+        self.config = RhoConfig(**config)
+        self.scorer = RhoScorer(self.config, storage_options=storage_options)
+        self.corpus = Corpus(CorpusConfig(**corpus_config)) if corpus_config else None
+        self._stored: list[tuple[str, str, int, int, np.ndarray]] = []  # (doc_id, shard, row, n_tokens, excess)
+
+    def _resolve(self, item) -> DocumentBatch:
+        """A work item is a DocumentBatch, or ``(ShardInfo, rows | None)`` read here (so texts
+        never pass through the driver); ``rows=None`` means the whole shard."""
+        if isinstance(item, DocumentBatch):
+            return item
+        if self.corpus is None:
+            raise ValueError("shard work items need the worker to be started with a corpus_config")
+        shard, rows = item
+        if rows is not None:
+            return self.corpus.read_rows(shard, list(rows))
+        out = DocumentBatch(shard.relpath)
+        for b in self.corpus.iter_batches(shard, rejects=RejectSink()):
+            for row, doc_id, text in zip(b.rows, b.doc_ids, b.texts):
+                out.append(row, doc_id, text)
+        return out
+
+    def tokenizer_fingerprint(self) -> str:
+        return self.scorer.tokenizer_fingerprint
+
+    def score(self, item) -> dict:
+        """Per-document scores of one work item (skipped documents have NaN scores)."""
+        batch = self._resolve(item)
+        ref, train = self.scorer.score(batch.texts)
+        excess = excess_losses(train.losses, ref.losses)
+        return {"doc_id": batch.doc_ids, "shard": [batch.shard] * len(batch), "row": batch.rows,
+                "n_tokens": ref.n_tokens, "ref_mean": mean_scores(ref.losses), "train_mean": mean_scores(train.losses),
+                "excess_mean": mean_scores(excess), "skipped": ref.skipped, "tokens_scored": ref.tokens_scored}
+
+    def score_for_masks(self, item, mode: str) -> dict:
+        """Score a work item for the mask stage. ``mode``: 'sketch' keeps the losses here and
+        returns a histogram; 'exact' returns the losses; 'per_batch' returns finished masks."""
+        c = self.config
+        batch = self._resolve(item)
+        ref, train = self.scorer.score(batch.texts)
+        excess = excess_losses(train.losses, ref.losses)
+        keep = [i for i, x in enumerate(excess) if x is not None]
+        out = {"skipped": ref.skipped, "skipped_ids": [batch.doc_ids[i] for i, x in enumerate(excess) if x is None]}
+        meta = [(batch.doc_ids[i], batch.shard, batch.rows[i], ref.n_tokens[i]) for i in keep]
+        kept_excess = [excess[i] for i in keep]
+        if mode == "sketch":
+            hist = ExcessHistogram(c.sketch_range[0], c.sketch_range[1], c.sketch_bins)
+            for x in kept_excess:
+                hist.add(x)
+            self._stored.extend((*m, x) for m, x in zip(meta, kept_excess))
+            out["histogram"] = hist.to_dict()
+        elif mode == "exact":
+            out.update(meta=meta, excess=kept_excess)
+        elif mode == "per_batch":
+            masks = topk_masks_per_batch(kept_excess, c.keep_ratio, c.per_batch_tokens)
+            out.update(meta=meta, masks=[pack_mask(m) for m in masks], n_kept=[int(m.sum()) for m in masks])
+        else:
+            raise ValueError(f"unknown mask mode {mode!r}")
+        return out
+
+    def reset(self) -> None:
+        """Drop excess losses left by an interrupted sketch-mode mask stage."""
+        self._stored = []
+
+    def finish_masks(self, bin_threshold: int) -> dict:
+        """Phase 2 of sketch mode: packed masks of every stored document; clears the store."""
+        c = self.config
+        hist = ExcessHistogram(c.sketch_range[0], c.sketch_range[1], c.sketch_bins)
+        stored, self._stored = self._stored, []
+        masks = hist.masks([s[4] for s in stored], bin_threshold)
+        return {"meta": [s[:4] for s in stored], "masks": [pack_mask(m) for m in masks],
+                "n_kept": [int(m.sum()) for m in masks]}
+
+
+@dataclass
+class MaskResult:
+    """The ``mask`` stage's output: a table (doc_id, shard, row, n_tokens, n_kept, token_mask)
+    and a summary for ``manifest.json`` (tokenizer, mode, threshold, realised error bound)."""
+
+    table: pa.Table
+    summary: dict = field(default_factory=dict)
+
+
+def start_workers(config: RhoConfig, storage_options: dict | None = None,
+                  corpus_config: CorpusConfig | None = None) -> list:
+    """The actor pool: one actor per GPU (or ``num_workers``), fractional CPUs otherwise."""
+    paths = {"reference_model": config.reference_model, "training_model": config.training_model}
+    if all("://" not in p or p.startswith("file://") for p in paths.values()):
+        # Local paths: refuse a missing path or mismatched tokenizers before starting actors
+        # (remote models are checked by the actors, which copy them once to their cache).
+        require_same_tokenizer(paths)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    n = config.num_workers or max(gpus, 1)
+    opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": config.worker_num_cpus}
+    actors = [LossWorker.options(**opts).remote(config.model_dump(mode="json"), storage_options,
+                                                corpus_config.model_dump(mode="json") if corpus_config else None)
+              for _ in range(n)]
+    try:
+        fingerprints = ray.get([a.tokenizer_fingerprint.remote() for a in actors])  # surfaces load errors now
+    except ray.exceptions.RayActorError as exc:
+        for a in actors:
+            ray.kill(a)
+        cause = getattr(exc.args[0] if exc.args else None, "cause", None)
+        if isinstance(cause, ThresherError):
+            raise cause from None
+        raise ModelLoadError(f"loss workers failed to load the models: {exc}") from exc
+    if len(set(fingerprints)) != 1:
+        raise ModelLoadError(f"loss workers disagree on the tokenizer: {sorted(set(fingerprints))}")
+    return actors
+
+
+def work_items(selection: pa.Table, shards: list, docs_per_item: int = 256) -> list[tuple]:
+    """``(ShardInfo, rows)`` work items for the documents of ``selection`` (columns ``shard``,
+    as shard URI or relpath, and ``row``), grouped by shard in chunks of ``docs_per_item``."""
+    by_key = {s.uri: s for s in shards} | {s.relpath: s for s in shards}
+    grouped: dict[str, list[int]] = {}
+    for shard, row in zip(selection["shard"].to_pylist(), selection["row"].to_pylist()):
+        if shard not in by_key:
+            raise ValueError(f"selection names shard {shard!r}, which is not in the corpus listing")
+        grouped.setdefault(by_key[shard].relpath, []).append(int(row))
+    relpath_of = {s.relpath: s for s in shards}
+    return [(relpath_of[rel], rows[i:i + docs_per_item]) for rel, rows in sorted(grouped.items())
+            for i in range(0, len(rows), docs_per_item)]
+
+
+def _run(actors, method: str, batches: Iterable[DocumentBatch], extra: tuple = (), progress=None) -> list[dict]:
+    """Round-robin ``batches`` over ``actors`` with at most two calls in flight per actor."""
+    pending: dict = {}
+    results: dict[int, dict] = {}
+    free = [a for a in actors for _ in range(2)]
+    for i, batch in enumerate(batches):
+        if not free:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            j, actor = pending.pop(done[0])
+            results[j] = ray.get(done[0])
+            free.append(actor)
+            if progress:
+                progress(len(results))
+        actor = free.pop(0)
+        pending[getattr(actor, method).remote(batch, *extra)] = (i, actor)
+    for ref, (j, _) in pending.items():
+        results[j] = ray.get(ref)
+    if progress:
+        progress(len(results))
+    return [results[i] for i in sorted(results)]
+
+
+def _sum_skips(parts: list[dict]) -> dict:
+    total = {"empty": 0, "too_short": 0}
+    for p in parts:
+        for k, v in p["skipped"].items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def score_documents(batches: Iterable[DocumentBatch], config: RhoConfig, storage_options: dict | None = None,
+                    progress: Callable[[int], None] | None = None, actors: list | None = None,
+        corpus_config: CorpusConfig | None = None) -> tuple[pa.Table, dict]:
+    """Document scores: ``(table, stats)``.
+
+    ``batches``: DocumentBatch objects, or ``(ShardInfo, rows | None)`` work items that the
+    workers read themselves (needs ``corpus_config``). The table has doc_id, shard (relpath), row, n_tokens,
+    ref_mean (the ``perplexity`` score, mean reference loss in nats), train_mean and
+    excess_mean (the ``rho`` score). Skipped documents (< 2 tokens) have NaN scores and are
+    counted in ``stats['skipped']``."""
+    own = actors is None
+    actors = actors or start_workers(config, storage_options, corpus_config)
+    try:
+        parts = _run(actors, "score", batches, progress=progress)
+    finally:
+        if own:
+            for a in actors:
+                ray.kill(a)
+    cols = ["doc_id", "shard", "row", "n_tokens", "ref_mean", "train_mean", "excess_mean"]
+    data = {c: [v for p in parts for v in p[c]] for c in cols}
+    table = pa.table({"doc_id": pa.array(data["doc_id"], pa.string()), "shard": pa.array(data["shard"], pa.string()),
+                      "row": pa.array(data["row"], pa.int64()), "n_tokens": pa.array(data["n_tokens"], pa.int64()),
+                      **{c: pa.array(np.asarray(data[c], dtype=np.float64)) for c in cols[4:]}})
+    stats = {"skipped": _sum_skips(parts), "tokens_scored": int(sum(p["tokens_scored"] for p in parts)),
+             "documents": table.num_rows}
+    return table, stats
+
+
+def compute_token_masks(batches: Iterable[DocumentBatch], config: RhoConfig, storage_options: dict | None = None,
+                        progress: Callable[[int], None] | None = None, actors: list | None = None,
+        corpus_config: CorpusConfig | None = None) -> MaskResult:
+    """Rho-1 token masks for the documents in ``batches`` (the selection of any method; work
+    items as in :func:`score_documents`). Merge into a selection with
+    :func:`selector.rho.attach_token_masks` (the table rows come in no particular order)."""
+    mode = "per_batch" if config.mask_mode == "per_batch" else config.global_method
+    own = actors is None
+    actors = actors or start_workers(config, storage_options, corpus_config)
+    summary: dict = {"mask_mode": config.mask_mode, "keep_ratio": config.keep_ratio,
+                     "tokenizer_fingerprint": ray.get(actors[0].tokenizer_fingerprint.remote()),
+                     "reference_model": config.reference_model, "training_model": config.training_model,
+                     "bit_order": "little", "add_bos": config.add_bos}
+    try:
+        ray.get([a.reset.remote() for a in actors])
+        parts = _run(actors, "score_for_masks", batches, (mode,), progress=progress)
+        if mode == "sketch":
+            merged = ExcessHistogram(config.sketch_range[0], config.sketch_range[1], config.sketch_bins)
+            for p in parts:
+                merged = merged.merge(ExcessHistogram.from_dict(p["histogram"]))
+            b, info = merged.threshold(config.keep_ratio)
+            summary.update(global_method="sketch", threshold_bin=b, **info)
+            finished = ray.get([a.finish_masks.remote(b) for a in actors])
+            meta = [m for f in finished for m in f["meta"]]
+            masks = [m for f in finished for m in f["masks"]]
+            n_kept = [k for f in finished for k in f["n_kept"]]
+        elif mode == "exact":
+            meta = [m for p in parts for m in p["meta"]]
+            bool_masks = topk_masks_exact([x for p in parts for x in p["excess"]], config.keep_ratio)
+            masks = [pack_mask(m) for m in bool_masks]
+            n_kept = [int(m.sum()) for m in bool_masks]
+            summary["global_method"] = "exact"
+        else:
+            meta = [m for p in parts for m in p["meta"]]
+            masks = [m for p in parts for m in p["masks"]]
+            n_kept = [k for p in parts for k in p["n_kept"]]
+            summary["per_batch_tokens"] = config.per_batch_tokens
+    finally:
+        if own:
+            for a in actors:
+                ray.kill(a)
+    summary["skipped"] = _sum_skips(parts)
+    # Capped so manifest.json stays small; the counts in "skipped" are complete.
+    summary["skipped_ids"] = [d for p in parts for d in p["skipped_ids"]][:1000]
+    summary["tokens_scored"] = int(sum(m[3] - 1 for m in meta))
+    summary["tokens_kept"] = int(sum(n_kept))
+    table = pa.table({"doc_id": pa.array([m[0] for m in meta], pa.string()),
+                      "shard": pa.array([m[1] for m in meta], pa.string()),
+                      "row": pa.array([m[2] for m in meta], pa.int64()),
+                      "n_tokens": pa.array([m[3] for m in meta], pa.int64()),
+                      "n_kept": pa.array(n_kept, pa.int64()),
+                      "token_mask": pa.array(masks, pa.binary())})
+    return MaskResult(table=table, summary=summary)
