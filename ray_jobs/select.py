@@ -1,26 +1,60 @@
-"""The selection job: corpus -> index -> select -> committed manifest.
+"""The selection job: corpus -> index -> [embed -> cluster] -> [reference] -> select -> manifest.
 
     python -m ray_jobs.select --config job.yaml
 
 Runs on a local Ray, or on the cluster named by ``ray.address`` / ``RAY_ADDRESS`` (as under
-``ray job submit``). Finished stages are found in the work dir and not redone.
+``ray job submit``). Every stage writes its outputs to the work dir with the hash of the
+config it depends on, so re-running a killed job redoes only unfinished work.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import pyarrow as pa
+import ray
 
 from selector.config import JobConfig, load_config
-from selector.corpus import Corpus
+from selector.corpus import Corpus, ShardInfo
 from selector.errors import ManifestError
 from selector.manifest import ManifestWriter, manifest_uri, read_manifest, run_summary, selection_table
 from selector.models import load_tokenizer, tokenizer_fingerprint
 from selector.workdir import WorkDir
 from workers.runtime import connect
 from workers.shard_reader import index_corpus, random_selection, start_shard_readers
+
+
+@dataclass
+class Job:
+    """What every method's pipeline needs: the config, the work dir, the shard readers."""
+
+    config: JobConfig
+    workdir: WorkDir
+    shards: list[ShardInfo]
+    readers: list
+    budget: int
+    progress: bool
+    log: Callable[[str], None]
+    _documents: pa.Table | None = None
+    _loss_workers: list | None = None
+
+    def documents(self) -> pa.Table:
+        """The index of every document (doc_id, shard, row, n_tokens, ...), from the readers."""
+        if self._documents is None:
+            tables = [t for t in ray.get([r.index_table.remote() for r in self.readers]) if t is not None]
+            self._documents = pa.concat_tables(tables)
+        return self._documents
+
+    def owners(self) -> dict[str, int]:
+        owners: dict[str, int] = {}
+        for i, table in enumerate(ray.get([r.index_table.remote() for r in self.readers])):
+            if table is not None:
+                owners.update(dict.fromkeys(table["doc_id"].to_pylist(), i))
+        return owners
 
 
 def run(config: JobConfig, progress: bool = True, log=print) -> str:
@@ -46,37 +80,274 @@ def run(config: JobConfig, progress: bool = True, log=print) -> str:
     index_stats = index_corpus(readers, config.stage_hash("corpus", "tokenizer"), progress)
     log(f"indexed {index_stats['documents']:,} documents, {index_stats['tokens']:,} tokens, "
         f"{index_stats['rejected']} rejected ({index_stats['shards_skipped']} shards already indexed)")
-    budget = config.budget.resolve(index_stats["tokens"])
+    job = Job(config, workdir, shards, readers, config.budget.resolve(index_stats["tokens"]), progress, log)
 
-    # 5. select
-    if config.method == "random":
-        chosen = random_selection(readers, config.seed, budget)
-        rows = _rows(chosen, shards, method="random")
-    else:  # pragma: no cover - the config's Literal rejects unknown methods first
-        raise ValueError(f"unknown method {config.method!r}")
+    # 2-5. the method's own stages, then its selection
+    rows, extra = METHODS[config.method](job)
+    # 6. token masks (Rho-1) on top of any method's selection
+    tokenizer_info = {"path": config.tokenizer, "fingerprint": tokenizer_fingerprint(tokenizer)}
+    if config.mask_tokens:
+        rows, mask_summary = add_token_masks(job, rows)
+        extra.setdefault("stages", {})["mask"] = mask_summary
+        tokenizer_info["token_masks"] = "token_mask: np.packbits(mask, bitorder='little') over this tokenizer's tokens"
 
     # manifest, committed last
+    table = selection_table(rows)
     writer = ManifestWriter(config.work.root, run_id, config.work.storage_options)
-    writer.write(selection_table(rows))
-    summary = run_summary(config, shards, index_stats, budget, selection_table(rows),
-                          tokenizer={"path": config.tokenizer, "fingerprint": tokenizer_fingerprint(tokenizer)},
-                          stages={"index": {k: v for k, v in index_stats.items() if k != "shards"}})
+    writer.write(table)
+    summary = run_summary(config, shards, index_stats, job.budget, table,
+                          models=model_identities(config),
+                          tokenizer=tokenizer_info,
+                          stages={"index": {k: v for k, v in index_stats.items() if k != "shards"}, **extra.pop("stages", {})})
+    summary.update(extra)
     uri = writer.commit(summary)
-    log(f"selected {summary['budget']['selected_documents']:,} documents, "
-        f"{summary['budget']['selected_tokens']:,} of {budget:,} budget tokens -> {uri}")
+    selected = summary["budget"]["selected_tokens"]
+    log(f"selected {summary['budget']['selected_documents']:,} documents, {selected:,} of {job.budget:,} "
+        f"budget tokens -> {uri}")
+    if selected < 0.9 * job.budget:
+        log(f"warning: the selection fills only {selected / max(job.budget, 1):.0%} of the budget")
     return uri
 
 
-def _rows(chosen: pa.Table, shards, method: str, **extra: list) -> dict[str, list]:
-    uri_of = {s.relpath: s.uri for s in shards}
+# --------------------------------------------------------------------------- methods
+# Each takes the Job and returns (manifest rows, extra manifest.json keys).
+
+
+def select_random(job: Job):
+    chosen = random_selection(job.readers, job.config.seed, job.budget)
+    return rows_from(job, chosen["doc_id"].to_pylist(), "random"), {}
+
+
+def select_quad(job: Job):
+    from workers.bandit import run_quad_rounds, start_bandit
+    from workers.influence_stage import influence_score_fn, prepare_influence
+
+    keys, stages = embed_and_cluster(job)
+    owners = job.owners()
+    workers = prepare_influence(job.config, job.workdir, job.readers, owners, job.progress, job.log)
+    bandit = start_bandit(job.workdir, job.config.quad, job.budget, job.config.seed, cluster_keys=keys)
+    status = run_quad_rounds(bandit, influence_score_fn(workers, job.readers, owners), job.progress, job.log)
+    chosen = ray.get(bandit.selection.remote())
+    summary = ray.get(bandit.summary.remote())
+    ray.kill(bandit)  # the run is finished; its checkpoint stays in the work dir
+    rows = rows_from(job, chosen["doc_id"], "quad", cluster=chosen["cluster"], score=chosen["score"],
+                     round=chosen["round"])
+    stages["quad"] = {k: status[k] for k in ("round", "stop_reason", "used_tokens") if k in status}
+    return rows, {"quad": summary, "stages": stages}
+
+
+def select_topk_influence(job: Job):
+    from selector.baselines import topk_influence
+    from workers.influence_stage import influence_score_fn, prepare_influence
+
+    docs = job.documents()
+    owners = job.owners()
+    workers = prepare_influence(job.config, job.workdir, job.readers, owners, job.progress, job.log)
+    scores = score_all(job, influence_score_fn(workers, job.readers, owners), docs["doc_id"].to_pylist())
+    positions = topk_influence(docs["doc_id"].to_pylist(), docs["n_tokens"].to_pylist(), scores, job.budget,
+                               job.config.seed)
+    ids = [docs["doc_id"][int(i)].as_py() for i in positions]
+    rows = rows_from(job, ids, "topk-influence", score=[float(scores[i]) for i in positions])
+    return rows, {"stages": {"influence": {"scored_documents": len(scores)}}}
+
+
+def select_exploration_only(job: Job):
+    from selector.baselines import exploration_only
+    from selector.quad import load_cluster_inputs
+
+    keys, stages = embed_and_cluster(job)
+    docs, _ = load_cluster_inputs(job.workdir, keys)
+    positions, rounds = exploration_only(docs["doc_id"], docs["cluster"], docs["n_tokens"], job.budget,
+                                         job.config.quad.block_size, job.config.seed)
+    ids = [docs["doc_id"][int(i)] for i in positions]
+    rows = rows_from(job, ids, "exploration-only", cluster=[int(docs["cluster"][i]) for i in positions],
+                     round=[int(r) for r in rounds])
+    return rows, {"stages": stages}
+
+
+def select_by_loss(job: Job):
+    """``perplexity`` (lowest mean reference loss first) or ``rho`` (highest mean excess loss first)."""
+    from selector.rho import select_by_score
+    from workers.loss_scorer import score_documents
+
+    scored, stats = score_documents([(s, None) for s in job.shards], job.config.rho, actors=loss_workers(job),
+                                    corpus_config=job.config.corpus, progress=progress_bar(job, "losses"))
+    column, descending = ("excess_mean", True) if job.config.method == "rho" else ("ref_mean", False)
+    finite = np.isfinite(scored[column].to_numpy(zero_copy_only=False))
+    if not finite.all():  # documents too short to score have no mean loss; they are counted, not selected
+        stats = dict(stats, unscored_documents=int((~finite).sum()))
+        scored = scored.filter(pa.array(finite))
+    idx = select_by_score(scored["doc_id"].to_pylist(), scored[column].to_pylist(), scored["n_tokens"].to_pylist(),
+                          job.budget, descending=descending)
+    chosen = scored.take(pa.array(np.asarray(idx, dtype=np.int64)))
+    rows = rows_from(job, chosen["doc_id"].to_pylist(), job.config.method, score=chosen[column].to_pylist())
+    return rows, {"stages": {"losses": stats}}
+
+
+def select_gtp(job: Job):
+    from selector.gtp_features import FeatureShardRef, corpus_mean_target
+    from selector.workdir import shard_key
+    from workers.gtp import TrajectoryFeatureActor, distributed_pursuit
+    from workers.influence_stage import reference_texts
+    from workers.progress import gather
+
+    cfg = job.config.gtp
+    docs = job.documents()
+    actors = [TrajectoryFeatureActor.options(**model_actor_resources(job)).remote(
+        cfg.model_dump(mode="json"), job.workdir.root, job.workdir.run_id, job.workdir.storage_options)
+        for _ in range(job.config.ray.influence_workers)]
+    owners = job.owners()
+    futures, keys = [], []
+    for i, shard in enumerate(job.shards):  # stage: per-shard trajectory features, resumable
+        part = docs.filter(pa.compute.equal(docs["shard"], shard.relpath))
+        ids = part["doc_id"].to_pylist()
+        texts = ray.get(job.readers[owners[ids[0]]].read.remote(ids)) if ids else []
+        keys.append(shard_key(shard.relpath))
+        futures.append(actors[i % len(actors)].shard.remote(keys[-1], ids, part["row"].to_pylist(), texts,
+                                                            part["n_tokens"].to_pylist()))
+    computed = gather(futures, "gtp features", enabled=job.progress)
+    refs = [FeatureShardRef(job.workdir.root, job.workdir.run_id, k, job.workdir.storage_options) for k in keys]
+    if cfg.target == "reference":
+        y = ray.get(actors[0].reference_target.remote(reference_texts(job.config, job.log)))
+    else:
+        y = corpus_mean_target(refs)
+    result = distributed_pursuit(refs, y, budget_tokens=job.budget, oversample=cfg.oversample,
+                                 max_rounds=cfg.max_rounds, num_cpus=job.config.ray.worker_num_cpus,
+                                 **cfg.pursuit_kwargs())
+    weights = np.asarray(result.weights, dtype=np.float64)
+    # Weights are reported on the mean-1 scale a trainer uses as per-document loss weights.
+    scaled = weights / weights.mean() if len(weights) else weights
+    ids = [str(d) for d in result.ids]
+    rows = rows_from(job, ids, "gtp", score=weights.tolist(), weight=scaled.tolist())
+    stats = {"rel_residual": result.rel_residual, "stop_reason": result.stop_reason,
+             "candidates": result.n_candidates, "shards_featurized": sum(1 for c in computed if c["computed"]),
+             "feature_dim": int(len(y))}
+    job.log(f"gtp: {len(ids)} documents, relative residual {result.rel_residual:.3f} ({result.stop_reason})")
+    return rows, {"stages": {"gtp": stats}}
+
+
+METHODS = {
+    "random": select_random,
+    "quad": select_quad,
+    "topk-influence": select_topk_influence,
+    "exploration-only": select_exploration_only,
+    "perplexity": select_by_loss,
+    "rho": select_by_loss,
+    "gtp": select_gtp,
+}
+
+
+def add_token_masks(job: Job, rows: dict[str, list]) -> tuple[dict[str, list], dict]:
+    """Stage 6 (mask): Rho-1 token masks for the selected documents of any method."""
+    from selector.rho import attach_token_masks
+    from workers.loss_scorer import compute_token_masks, work_items
+
+    selection = selection_table(rows)
+    result = compute_token_masks(work_items(selection, job.shards), job.config.rho, actors=loss_workers(job),
+                                 corpus_config=job.config.corpus, progress=progress_bar(job, "masks"))
+    masked = attach_token_masks(selection, result.table)
+    return {name: masked[name].to_pylist() for name in masked.column_names}, result.summary
+
+
+# --------------------------------------------------------------------------- shared stages
+
+
+def embed_and_cluster(job: Job) -> tuple[list[str], dict]:
+    """Stages 2-3: per-shard embeddings, then k-means fit on a sample and assignment of every document."""
+    from workers.clusterer import cluster_corpus
+    from workers.embedder import embed_corpus
+
+    embedded = embed_corpus(job.config.corpus, job.config.embed, job.workdir, job.shards,
+                            n_workers=job.config.ray.embed_workers, progress=job.progress,
+                            num_cpus=job.config.ray.worker_num_cpus)
+    job.log(f"embed: {embedded['documents']:,} documents ({embedded['shards_skipped']} shards already embedded, "
+            f"{embedded['truncated']:,} truncated to {job.config.embed.max_tokens} tokens) on {embedded['device']}")
+    clustered = cluster_corpus(job.workdir, embedded["keys"], job.config.cluster, progress=job.progress)
+    job.log(f"cluster: k={clustered['k']}, {clustered['neighbour_pairs']} neighbour pairs, "
+            f"{clustered['shards_skipped']} shards already assigned")
+    stages = {"embed": {k: embedded[k] for k in ("documents", "truncated", "shards_skipped", "device") if k in embedded},
+              "cluster": {k: clustered[k] for k in ("k", "neighbour_pairs", "empty_clusters", "fit_skipped") if k in clustered}}
+    return embedded["keys"], stages
+
+
+def loss_workers(job: Job) -> list:
+    """The reference+training model actors, started once per job (refuses mismatched tokenizers)."""
+    from selector.models import require_same_tokenizer
+    from workers.loss_scorer import start_workers
+
+    if job._loss_workers is None:
+        rho = job.config.rho
+        require_same_tokenizer({"tokenizer": job.config.tokenizer, "rho.reference_model": rho.reference_model,
+                                "rho.training_model": rho.training_model})
+        job._loss_workers = start_workers(rho, corpus_config=job.config.corpus)
+    return job._loss_workers
+
+
+def model_actor_resources(job: Job) -> dict:
+    from workers.runtime import gpu_available
+
+    return {"num_gpus": 1} if gpu_available() else {"num_cpus": job.config.ray.worker_num_cpus}
+
+
+def progress_bar(job: Job, desc: str):
+    """A callable taking the count of finished work items, drawing a tqdm bar (or nothing)."""
+    from tqdm import tqdm
+
+    if not job.progress:
+        return None
+    bar = tqdm(desc=desc, unit="batch", file=sys.stderr, mininterval=0.5)
+
+    def update(done: int) -> None:
+        bar.n = done
+        bar.refresh()
+
+    return update
+
+
+def model_identities(config: JobConfig) -> dict:
+    """The models a run used, for manifest.json."""
+    models = {}
+    if config.proxy_model:
+        models["proxy_model"] = config.proxy_model
+    if config.rho:
+        models["reference_model"] = config.rho.reference_model
+        models["training_model"] = config.rho.training_model
+    if config.gtp:
+        models["gtp_checkpoints"] = list(config.gtp.checkpoints)
+    if config.method in ("quad", "exploration-only"):
+        models["encoder"] = config.embed.model
+    return models
+
+
+def score_all(job: Job, score_fn, doc_ids: list[str], chunk: int = 256) -> np.ndarray:
+    """Influence of every document in ``doc_ids`` (in chunks, with progress)."""
+    from tqdm import tqdm
+
+    scores: list[float] = []
+    with tqdm(total=len(doc_ids), desc="influence", unit="doc", disable=not job.progress, file=sys.stderr,
+              mininterval=0.5) as bar:
+        for start in range(0, len(doc_ids), chunk):
+            part = doc_ids[start:start + chunk]
+            scores.extend(score_fn([(-1, part)])[0])
+            bar.update(len(part))
+    return np.asarray(scores, dtype=np.float64)
+
+
+def rows_from(job: Job, doc_ids: list[str], method: str, **columns: list) -> dict[str, list]:
+    """Manifest rows for ``doc_ids``: shard URI, row and tokens from the index, plus ``columns``."""
+    docs = job.documents()
+    position = {d: i for i, d in enumerate(docs["doc_id"].to_pylist())}
+    take = pa.array([position[d] for d in doc_ids], type=pa.int64())
+    chosen = docs.take(take)
+    uri_of = {s.relpath: s.uri for s in job.shards}
     rows = {
-        "doc_id": chosen["doc_id"].to_pylist(),
+        "doc_id": list(doc_ids),
         "shard": [uri_of[p] for p in chosen["shard"].to_pylist()],
         "row": chosen["row"].to_pylist(),
         "n_tokens": chosen["n_tokens"].to_pylist(),
-        "method": [method] * chosen.num_rows,
+        "method": [method] * len(doc_ids),
     }
-    rows.update(extra)
+    rows.update({k: list(v) for k, v in columns.items()})
     return rows
 
 

@@ -20,14 +20,25 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from selector.config_base import StrictModel
+from selector.clustering import ClusterConfig
 from selector.corpus import CorpusConfig
+from selector.embedding import EmbedConfig
+from selector.gtp import GTPConfig
+from selector.influence import InfluenceConfig
+from selector.quad import QuadConfig
+from selector.rho import RhoConfig
 from selector.errors import ConfigError
 from selector.workdir import stable_hash
 
 REDACTED = "***redacted***"
 _SECRET_KEY = re.compile(r"(key|secret|token|password|passwd|credential|session)", re.IGNORECASE)
 
-METHODS = ("random",)
+METHODS = ("random", "quad", "topk-influence", "exploration-only", "perplexity", "rho", "gtp")
+INFLUENCE_METHODS = ("quad", "topk-influence")
+CLUSTER_METHODS = ("quad", "exploration-only")
+
+# Execution-only settings inside stage sections: they change how, not what, is computed.
+_EXECUTION_ONLY = {"embed": ("num_threads", "device"), "cluster": ("use_gpu", "assign_batch_size")}
 
 
 class WorkConfig(StrictModel):
@@ -53,6 +64,20 @@ class BudgetConfig(StrictModel):
         return self.tokens if self.tokens is not None else int(self.fraction * corpus_tokens)
 
 
+class ReferenceConfig(CorpusConfig):
+    """The reference set (high-quality / target-domain text) whose loss influence is measured on."""
+
+    max_documents: int = Field(2000, ge=1, description="At most this many reference documents are used.")
+
+
+class FactorFitConfig(StrictModel):
+    """Which documents K-FAC factors are fitted on."""
+
+    source: Literal["corpus", "reference"] = Field("corpus", description="A candidate-corpus sample (default) "
+                                                   "or the reference set.")
+    documents: int = Field(512, ge=1, description="Documents in the fitting sample.")
+
+
 class RayConfig(StrictModel):
     """Execution only (not part of the config hash)."""
 
@@ -60,6 +85,9 @@ class RayConfig(StrictModel):
     num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local Ray (oversubscribe: 2 x cores).")
     shard_readers: int = Field(2, ge=1, description="Shard-reader actors; shards are split among them.")
     reader_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per reader (fractional avoids starving).")
+    embed_workers: int = Field(2, ge=1, description="Encoder actors (one GPU each when the cluster has GPUs).")
+    influence_workers: int = Field(2, ge=1, description="Influence actors (one GPU each when the cluster has GPUs).")
+    worker_num_cpus: float = Field(0.5, gt=0, description="CPUs per model actor on a CPU-only cluster.")
 
 
 class JobConfig(StrictModel):
@@ -73,10 +101,47 @@ class JobConfig(StrictModel):
     work: WorkConfig
     budget: BudgetConfig
     ray: RayConfig = Field(default_factory=RayConfig)
+    proxy_model: str | None = Field(None, description="Causal LM whose gradients define influence (quad, "
+                                    "topk-influence): the training checkpoint or a small proxy of it.")
+    reference: ReferenceConfig | None = Field(None, description="Reference set for influence (quad, topk-influence).")
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    influence: InfluenceConfig = Field(default_factory=InfluenceConfig)
+    factors: FactorFitConfig = Field(default_factory=FactorFitConfig)
+    quad: QuadConfig = Field(default_factory=QuadConfig)
+    rho: RhoConfig | None = Field(None, description="Reference and training models for perplexity, rho and masks.")
+    mask_tokens: bool = Field(False, description="Add Rho-1 token masks (top rho.keep_ratio of excess loss) to "
+                              "the selection of any method.")
+    gtp: GTPConfig | None = Field(None, description="Checkpoints and pursuit settings for method gtp.")
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> "JobConfig":
+        if self.method in INFLUENCE_METHODS:
+            missing = [k for k in ("proxy_model", "reference") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"method {self.method!r} needs {' and '.join(missing)}")
+        if (self.method in ("perplexity", "rho") or self.mask_tokens) and self.rho is None:
+            raise ValueError(f"method {self.method!r}{' with mask_tokens' if self.mask_tokens else ''} needs a rho "
+                             "section (reference_model, training_model)")
+        if self.method == "gtp":
+            if self.gtp is None:
+                raise ValueError("method 'gtp' needs a gtp section (checkpoints: at least two model paths)")
+            if self.gtp.target == "reference" and self.reference is None:
+                raise ValueError("gtp.target 'reference' needs a reference section")
+        if self.factors.source == "reference" and self.reference is None:
+            raise ValueError("factors.source 'reference' needs a reference section")
+        if self.method == "quad" and self.quad.propagate and self.quad.neighbour_radius > self.cluster.neighbour_radius:
+            raise ValueError(f"quad.neighbour_radius ({self.quad.neighbour_radius}) exceeds "
+                             f"cluster.neighbour_radius ({self.cluster.neighbour_radius}): the clustering stage "
+                             "would not list the neighbours the bandit needs")
+        return self
 
     # -- identity ------------------------------------------------------------------------
     def hashable(self) -> dict[str, Any]:
         data = self.model_dump(mode="json", exclude={"ray", "run_id"})
+        for section, keys in _EXECUTION_ONLY.items():
+            for key in keys:
+                data.get(section, {}).pop(key, None)
         return _strip_secrets(data)
 
     def config_hash(self) -> str:

@@ -39,12 +39,23 @@ def write_shard(path: Path, records: list[dict]) -> None:
 
 
 def build_demo_corpus(out_dir: str | Path, n_shards: int = 8, max_docs_per_source: int | None = 600,
-                      n_low_quality: int = 300, vocab_size: int = 2048, seed: int = 0) -> dict:
-    """Write ``out_dir/corpus/*`` shards and ``out_dir/tokenizer``; returns paths and counts."""
+                      n_low_quality: int = 300, vocab_size: int = 2048, reference_fraction: float = 0.5,
+                      seed: int = 0) -> dict:
+    """Write ``out_dir/corpus/*`` shards, ``out_dir/reference/`` and ``out_dir/tokenizer``.
+
+    The target domain is the Python language reference (``pydoc_data`` topics): a
+    ``reference_fraction`` of those topics is held out as the reference set (not in the corpus),
+    the rest stays in the corpus among everything else.
+    """
     out = Path(out_dir)
     docs = demo_documents(max_docs_per_source=max_docs_per_source, n_low_quality=n_low_quality, seed=seed)
     rng = random.Random(seed)
     rng.shuffle(docs)
+    topics = [d for d in docs if d.source == "pydoc_topics"]
+    held_out = {d.name for d in topics[: int(len(topics) * reference_fraction)]}
+    write_shard(out / "reference" / "reference.jsonl",
+                [{"id": f"{d.source}/{d.name}", "text": d.text} for d in topics if d.name in held_out])
+    docs = [d for d in docs if not (d.source == "pydoc_topics" and d.name in held_out)]
     corpus_dir = out / "corpus"
     for i in range(n_shards):
         part = docs[i::n_shards]
@@ -57,4 +68,34 @@ def build_demo_corpus(out_dir: str | Path, n_shards: int = 8, max_docs_per_sourc
     sources: dict[str, int] = {}
     for d in docs:
         sources[d.source] = sources.get(d.source, 0) + 1
-    return {"corpus": str(corpus_dir), "tokenizer": str(tokenizer_dir), "documents": len(docs), "sources": sources}
+    return {"corpus": str(corpus_dir), "tokenizer": str(tokenizer_dir), "reference": str(out / "reference"),
+            "documents": len(docs), "reference_documents": len(held_out), "sources": sources}
+
+
+def build_demo_proxy(out_dir: str | Path, tokenizer_dir: str | Path, corpus_dir: str | Path, steps: int = 150,
+                     seed: int = 0, progress: bool = True) -> str:
+    """A tiny Llama trained briefly on the demo corpus: Quad's proxy model for influence."""
+    from selector.corpus import Corpus, CorpusConfig
+    from selector.proxy_models import build_causal_lm
+    from selector.proxy_training import train_causal_lm
+
+    out = Path(out_dir)
+    trained = out / "proxy"
+    if (trained / "config.json").exists():
+        return str(trained)
+    build_causal_lm(tokenizer_dir, out / "proxy-init", arch="llama", hidden_size=64, num_layers=2, seed=seed)
+    corpus = Corpus(CorpusConfig(uri=str(corpus_dir)))
+    texts: list[str] = []
+    for shard in corpus.list_shards():
+        for batch in corpus.iter_batches(shard):
+            texts.extend(batch.texts)
+    random.Random(seed).shuffle(texts)
+    from tqdm import tqdm
+
+    with tqdm(total=steps, desc="proxy LM", unit="step", disable=not progress, mininterval=0.5) as bar:
+        def step(_: int, loss: float) -> None:
+            bar.set_postfix_str(f"loss {loss:.2f}", refresh=False)
+            bar.update(1)
+
+        train_causal_lm(out / "proxy-init", texts[:600], trained, steps=steps, seed=seed, progress=step)
+    return str(trained)

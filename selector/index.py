@@ -90,3 +90,22 @@ def merge_hash_order(prefixes: list[pa.Table], max_tokens: int) -> pa.Table:
     tokens = merged["n_tokens"].to_numpy()[order]
     n_keep = int(np.searchsorted(np.cumsum(tokens), max_tokens, side="right"))
     return merged.take(pa.array(order[:n_keep]))
+
+
+def find_duplicate_ids(tables: list[pa.Table | None], limit: int = 5) -> list[str]:
+    """Messages for document ids that occur more than once (with both locations)."""
+    seen: dict[str, tuple[str, int]] = {}
+    problems: list[str] = []
+    for table in tables:
+        if table is None:
+            continue
+        for doc_id, shard, row in zip(table["doc_id"].to_pylist(), table["shard"].to_pylist(), table["row"].to_pylist()):
+            if doc_id in seen:
+                first = seen[doc_id]
+                problems.append(f"document id {doc_id!r} occurs in shard {first[0]} row {first[1]} "
+                                f"and in shard {shard} row {row}")
+                if len(problems) >= limit:
+                    return problems
+            else:
+                seen[doc_id] = (shard, row)
+    return problems

@@ -75,7 +75,8 @@ def docstrings(min_chars: int = 400) -> Iterator[TextDoc]:
         for node in nodes:
             doc = ast.get_docstring(node)
             if doc and len(doc) >= min_chars:
-                name = module if node is tree else f"{module}.{node.name}"
+                # The line number keeps names unique (same-named methods of different classes).
+                name = module if node is tree else f"{module}.{node.name}@{node.lineno}"
                 yield TextDoc("docstrings", name, doc)
 
 

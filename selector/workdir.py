@@ -89,6 +89,14 @@ class WorkDir:
     def stage_dir(self, stage: str) -> str:
         return f"{self.path}/{stage}"
 
+    def uri(self, stage: str, filename: str) -> str:
+        """A full URI (with protocol) of a file in ``stage``, for libraries that open URIs themselves."""
+        path = f"{self.stage_dir(stage)}/{filename}"
+        if is_local(self.fs):
+            return path
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return f"{protocol}://{path}"
+
     def _output(self, stage: str, key: str, ext: str) -> str:
         return f"{self.stage_dir(stage)}/{key}.{ext}"
 

@@ -61,3 +61,16 @@ def test_selector_package_never_imports_ray():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_duplicate_ids_across_shards_are_an_error_naming_both_places(ray_local, tmp_path, tiny_tokenizer_dir):
+    from selector.errors import CorpusError
+    from workers.shard_reader import index_corpus, start_shard_readers
+
+    write_shard(tmp_path / "c" / "a.jsonl", [{"id": "x", "text": "one"}, {"id": "y", "text": "two"}])
+    write_shard(tmp_path / "c" / "b.parquet", [{"id": "z", "text": "three"}, {"id": "x", "text": "four"}])
+    cfg = CorpusConfig(uri=str(tmp_path / "c"), id_column="id")
+    readers = start_shard_readers(cfg, str(tiny_tokenizer_dir), WorkDir(str(tmp_path), "r"),
+                                  Corpus(cfg).list_shards(), 2, 0.25)
+    with pytest.raises(CorpusError, match=r"'x' occurs in shard (a.jsonl row 0|b.parquet row 1) and in shard"):
+        index_corpus(readers, "h", progress=False)

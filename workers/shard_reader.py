@@ -13,7 +13,8 @@ import pyarrow as pa
 import ray
 
 from selector.corpus import Corpus, CorpusConfig, ShardInfo
-from selector.index import hash_keys, hash_order_prefix, index_shard
+from selector.errors import CorpusError
+from selector.index import find_duplicate_ids, hash_keys, hash_order_prefix, index_shard
 from selector.workdir import WorkDir
 
 
@@ -121,6 +122,10 @@ def index_corpus(readers: list, config_hash: str, progress: bool = True) -> dict
         return f"{totals['documents']:,} docs"
 
     per_shard = gather(futures, "index", enabled=progress, on_result=running)
+    duplicates = find_duplicate_ids(ray.get([r.index_table.remote() for r in readers]))
+    if duplicates:
+        raise CorpusError("document ids must be unique across the corpus (fix the id column, or drop "
+                          "corpus.id_column to use <shard>:<row> ids): " + "; ".join(duplicates))
     return {
         "shards": per_shard,
         "documents": sum(s["documents"] for s in per_shard),

@@ -1,0 +1,89 @@
+"""Stage 4 (reference): fit K-FAC factors in parallel, build the query, load it on every worker.
+
+Both outputs live in the work dir (``kfac/factors.safetensors``, ``kfac/query.safetensors``)
+with done markers, so a resumed job loads them instead of refitting.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import ray
+
+from selector.corpus import Corpus, RejectSink
+from selector.workdir import WorkDir
+from workers.influence import fit_factors_parallel, make_workers, score_parallel
+from workers.shard_reader import random_sample, read_texts
+
+STAGE = "kfac"
+
+
+def reference_texts(config, log: Callable[[str], None] = print) -> list[str]:
+    """Up to ``reference.max_documents`` documents of the reference set, in shard order."""
+    ref = config.reference
+    corpus = Corpus(ref)
+    sink = RejectSink()
+    texts: list[str] = []
+    for shard in corpus.list_shards():
+        for batch in corpus.iter_batches(shard, rejects=sink):
+            texts.extend(batch.texts)
+            if len(texts) >= ref.max_documents:
+                return texts[: ref.max_documents]
+    if len(sink):
+        log(f"reference set: {len(sink)} bad records quarantined (first: {sink.records[0].message()})")
+    return texts
+
+
+def prepare_influence(config, workdir: WorkDir, readers: list, owners: dict[str, int], progress: bool = True,
+                      log: Callable[[str], None] = print) -> list:
+    """Influence workers holding the model, the fitted factors and the preconditioned query."""
+    workers = make_workers(config.ray.influence_workers, config.proxy_model, config.influence,
+                           num_cpus=config.ray.worker_num_cpus)
+    fit_hash = config.stage_hash("corpus", "tokenizer", "proxy_model", "influence", "factors", "seed",
+                                 extra={"reference": config.reference.model_dump(mode="json")
+                                        if config.factors.source == "reference" else None})
+    factors_uri = workdir.uri(STAGE, "factors.safetensors")
+    query_uri = workdir.uri(STAGE, "query.safetensors")
+    query_hash = f"{fit_hash}-{config.stage_hash('reference')}"
+
+    if workdir.is_done(STAGE, "factors", fit_hash):
+        log("reference: K-FAC factors found in the work dir")
+    else:
+        if config.factors.source == "corpus":
+            ids = random_sample(readers, config.factors.documents, config.seed)
+            texts = read_texts(readers, owners, ids)
+        else:
+            texts = reference_texts(config, log)[: config.factors.documents]
+        log(f"reference: fitting K-FAC factors on {len(texts)} {config.factors.source} documents "
+            f"with {len(workers)} workers")
+        fit_factors_parallel(workers, texts, config.influence, factors_uri=factors_uri)
+        workdir.mark_done(STAGE, "factors", fit_hash, {"documents": len(texts), "source": config.factors.source})
+
+    if workdir.is_done(STAGE, "query", query_hash):
+        log("reference: query found in the work dir")
+    else:
+        ref_texts = reference_texts(config, log)
+        ray.get(workers[0].load_state.remote(factors_uri))
+        info = ray.get(workers[0].compute_query.remote(ref_texts, query_uri))
+        workdir.mark_done(STAGE, "query", query_hash, info)
+        log(f"reference: query from {len(ref_texts)} reference documents ({info['n_tokens']:,} tokens)")
+    ray.get([w.load_state.remote(factors_uri, query_uri) for w in workers])
+    return workers
+
+
+def influence_score_fn(workers: list, readers: list, owners: dict[str, int]):
+    """``score_fn`` for the bandit loop: read the sampled documents, score them in parallel."""
+
+    def score(requests: list[tuple[int, list[str]]]) -> list[list[float]]:
+        flat = [doc_id for _, ids in requests for doc_id in ids]
+        if not flat:
+            return [[] for _ in requests]
+        texts = read_texts(readers, owners, flat)
+        scores = score_parallel(workers, flat, texts, batch_docs=max(1, min(64, -(-len(flat) // len(workers)))))
+        out, i = [], 0
+        for _, ids in requests:
+            out.append(scores[i:i + len(ids)].tolist())
+            i += len(ids)
+        return out
+
+    return score
