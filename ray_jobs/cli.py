@@ -247,6 +247,39 @@ def runs_show(root: str = typer.Argument(..., help="The work root (work.root of 
 
 
 @app.command()
+def materialize(manifest: str = typer.Argument(..., help="Committed manifest URI (<root>/manifests/<run_id>)."),
+                out: str = typer.Argument(..., help="Output folder (path or URI); must not exist yet."),
+                storage_options: Optional[str] = typer.Option(None, help="fsspec options (JSON) for the manifest."),
+                corpus_storage_options: Optional[str] = typer.Option(
+                    None, help="fsspec options (JSON) for the corpus (the manifest stores them redacted)."),
+                out_storage_options: Optional[str] = typer.Option(None, help="fsspec options (JSON) for OUT."),
+                tokenizer: Optional[str] = typer.Option(None, help="Tokenizer path, if not the one the manifest names."),
+                progress: bool = typer.Option(True, help="Show progress.")):
+    """Write the selected documents with input_ids and their token loss mask as Parquet shards."""
+    from tqdm import tqdm
+
+    from selector.errors import ThresherError
+    from selector.materialize import materialize as write_selection
+
+    bar = tqdm(desc="materialize", unit="doc", disable=not progress, mininterval=0.5)
+
+    def advance(done: int) -> None:
+        bar.n = done
+        bar.refresh()
+
+    try:
+        summary = write_selection(manifest, out, _storage_options(storage_options),
+                                  _storage_options(corpus_storage_options), _storage_options(out_storage_options),
+                                  tokenizer_path=tokenizer, progress=advance)
+    except ThresherError as exc:
+        _fail(exc)
+    finally:
+        bar.close()
+    console.print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}, default=str))
+    console.print(f"materialized: {out}")
+
+
+@app.command()
 def report(manifest: str = typer.Argument(..., help="Manifest URI (<root>/manifests/<run_id>)."),
            out: Path = typer.Option(Path("report.html"), help="Where to write the HTML report."),
            storage_options: Optional[str] = typer.Option(None, help="fsspec options as JSON (for s3:// etc.).")):

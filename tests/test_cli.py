@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from selector.manifest import read_manifest
+
 THRESHER = str(Path(sys.executable).with_name("thresher"))
 
 
@@ -17,7 +19,7 @@ def thresher(*args, timeout=600):
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["manifest"], ["manifest", "show"], ["runs"],
-                                     ["runs", "list"], ["runs", "show"], ["report"]])
+                                     ["runs", "list"], ["runs", "show"], ["report"], ["materialize"]])
 def test_every_command_documents_itself(command):
     result = thresher(*command, "--help")
     assert result.returncode == 0, result.stderr
@@ -56,9 +58,20 @@ def test_demo_then_manifest_show(tmp_path):
     assert Path(uri, "_SUCCESS").exists()
     shown = thresher("manifest", "show", uri, "--rows", "3")
     assert shown.returncode == 0, shown.stderr
-    assert "method random" in shown.stdout and "selected" in shown.stdout
+    assert "method quad" in shown.stdout and "selected" in shown.stdout
     missing = thresher("manifest", "show", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "no manifest at" in missing.stdout
+    assert "report:" in out and Path(out.split("report: ", 1)[1].split()[0]).read_text().count("<img") == 5
+    # the selection, materialized for a trainer: input_ids + loss mask, readable with pyarrow
+    import pyarrow.dataset as ds
+
+    made = thresher("materialize", uri, str(tmp_path / "train"), "--no-progress")
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    table = ds.dataset(str(tmp_path / "train"), format="parquet").to_table()
+    assert sorted(table["doc_id"].to_pylist()) == sorted(read_manifest(uri).table["doc_id"].to_pylist())
+    assert table["input_ids"].type.value_type.bit_width == 32
+    again = thresher("materialize", uri, str(tmp_path / "train"), "--no-progress")
+    assert again.returncode == 2 and "already holds a materialized selection" in again.stdout
 
 
 def test_runs_list_and_show(tmp_path):
