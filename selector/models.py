@@ -51,28 +51,27 @@ def load_tokenizer(path: str, storage_options: dict | None = None):
     return tokenizer
 
 
+def _load_model(auto_class, what: str, path: str, dtype, device: str, storage_options: dict | None):
+    local = local_model_path(path, storage_options)
+    try:
+        model = auto_class.from_pretrained(local, local_files_only=True, dtype=dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {what} from {path!r}: {exc}") from exc
+    return model.to(device).eval()
+
+
 def load_causal_lm(path: str, dtype=None, device: str = "cpu", storage_options: dict | None = None):
     """A causal LM in eval mode from a ``save_pretrained`` folder."""
     from transformers import AutoModelForCausalLM
 
-    local = local_model_path(path, storage_options)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(local, local_files_only=True, dtype=dtype)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load a causal LM from {path!r}: {exc}") from exc
-    return model.to(device).eval()
+    return _load_model(AutoModelForCausalLM, "a causal LM", path, dtype, device, storage_options)
 
 
 def load_encoder(path: str, dtype=None, device: str = "cpu", storage_options: dict | None = None):
     """An encoder (``AutoModel``) in eval mode from a ``save_pretrained`` folder."""
     from transformers import AutoModel
 
-    local = local_model_path(path, storage_options)
-    try:
-        model = AutoModel.from_pretrained(local, local_files_only=True, dtype=dtype)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load an encoder from {path!r}: {exc}") from exc
-    return model.to(device).eval()
+    return _load_model(AutoModel, "an encoder", path, dtype, device, storage_options)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -79,34 +79,30 @@ def tiny_tokenizer_dir(models_dir, real_texts) -> Path:
     return out
 
 
+def _tiny_causal_lm(models_dir: Path, tokenizer_dir: Path, name: str, arch: str, seed: int) -> Path:
+    from selector.proxy_models import build_causal_lm
+
+    out = models_dir / name
+    build_causal_lm(tokenizer_dir, out, arch=arch, seed=seed)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(models_dir, tiny_tokenizer_dir) -> Path:
     """A 2-layer, hidden-64 Llama causal LM (random weights, seed 0) with its tokenizer."""
-    from selector.proxy_models import build_causal_lm
-
-    out = models_dir / "llama"
-    build_causal_lm(tiny_tokenizer_dir, out, arch="llama", seed=0)
-    return out
+    return _tiny_causal_lm(models_dir, tiny_tokenizer_dir, "llama", "llama", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir_2(models_dir, tiny_tokenizer_dir) -> Path:
     """A second tiny Llama with different weights (seed 1), same tokenizer."""
-    from selector.proxy_models import build_causal_lm
-
-    out = models_dir / "llama2"
-    build_causal_lm(tiny_tokenizer_dir, out, arch="llama", seed=1)
-    return out
+    return _tiny_causal_lm(models_dir, tiny_tokenizer_dir, "llama2", "llama", seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(models_dir, tiny_tokenizer_dir) -> Path:
     """A 2-layer, hidden-64 GPT-2 (Conv1D layers, fused c_attn) with its tokenizer."""
-    from selector.proxy_models import build_causal_lm
-
-    out = models_dir / "gpt2"
-    build_causal_lm(tiny_tokenizer_dir, out, arch="gpt2", seed=0)
-    return out
+    return _tiny_causal_lm(models_dir, tiny_tokenizer_dir, "gpt2", "gpt2", seed=0)
 
 
 @pytest.fixture(scope="session")
