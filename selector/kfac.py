@@ -44,9 +44,9 @@ from selector.tracked_layers import TrackedBlock, capture
 class KFACConfig(StrictModel):
     """How the curvature is fitted.
 
-    fitting_set: which documents the factors are fitted on: a sample of the candidate
-        corpus (default) or the reference set.
-    fit_docs: how many documents to sample for fitting.
+    Which documents the factors are fitted on is the job's ``factors`` section
+    (``selector.config.FactorFitConfig``: a candidate-corpus sample by default, or the reference set).
+
     fisher: "true" samples targets from the model (the Fisher / GGN); "empirical" uses the
         data's next tokens.
     damping, damping_mode: "relative" means damping x mean(Lambda) per block (default 0.1);
@@ -54,8 +54,6 @@ class KFACConfig(StrictModel):
     ekfac: apply the EK-FAC eigenvalue correction (a second pass over the fitting set).
     """
 
-    fitting_set: Literal["candidates", "reference"] = "candidates"
-    fit_docs: int = 1000
     fisher: Literal["true", "empirical"] = "true"
     damping: float = 0.1
     damping_mode: Literal["relative", "absolute"] = "relative"

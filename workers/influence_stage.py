@@ -37,8 +37,10 @@ def reference_texts(config, log: Callable[[str], None] = print) -> list[str]:
 def prepare_influence(config, workdir: WorkDir, readers: list, owners: dict[str, int], progress: bool = True,
                       log: Callable[[str], None] = print) -> list:
     """Influence workers holding the model, the fitted factors and the preconditioned query."""
+    # The work dir's storage options reach the workers: they read and write the factor and query
+    # files there (an S3-compatible store needs its endpoint_url from them).
     workers = make_workers(config.ray.influence_workers, config.proxy_model, config.influence,
-                           num_cpus=config.ray.worker_num_cpus)
+                           num_cpus=config.ray.worker_num_cpus, storage_options=workdir.storage_options)
     fit_hash = config.stage_hash("corpus", "tokenizer", "proxy_model", "influence", "factors", "seed",
                                  extra={"reference": config.reference.model_dump(mode="json")
                                         if config.factors.source == "reference" else None})
@@ -56,7 +58,8 @@ def prepare_influence(config, workdir: WorkDir, readers: list, owners: dict[str,
             texts = reference_texts(config, log)[: config.factors.documents]
         log(f"reference: fitting K-FAC factors on {len(texts)} {config.factors.source} documents "
             f"with {len(workers)} workers")
-        fit_factors_parallel(workers, texts, config.influence, factors_uri=factors_uri)
+        fit_factors_parallel(workers, texts, config.influence, factors_uri=factors_uri,
+                             storage_options=workdir.storage_options)
         workdir.mark_done(STAGE, "factors", fit_hash, {"documents": len(texts), "source": config.factors.source})
 
     if workdir.is_done(STAGE, "query", query_hash):
