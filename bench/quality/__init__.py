@@ -1,0 +1,1 @@
+"""Quality benchmark: does a selection make a better model? (``python -m bench.quality --help``)"""

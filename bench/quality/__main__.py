@@ -1,0 +1,78 @@
+"""python -m bench.quality — select with every method at one budget, train a tiny LM on each, compare.
+
+Writes bench/results/quality.{md,json,png}. Intermediate artefacts (corpus, models, work dirs,
+per-run results) are cached under --out, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from bench.quality.run import METHODS, BenchSettings, run_bench
+from bench.quality.train import TrainSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench/.cache/quality", help="cache folder (corpus, models, work dirs)")
+    p.add_argument("--results", default="bench/results", help="where quality.md/.json/.png go")
+    p.add_argument("--name", default="quality", help="results file stem")
+    p.add_argument("--text-dir", action="append", default=[], help="extra text folder (repeatable), "
+                   "e.g. /usr/share/doc: README/NEWS/FAQ/*.txt/*.md, .gz decompressed")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (selection seed = training seed)")
+    p.add_argument("--budget-tokens", type=int, default=90_000)
+    p.add_argument("--steps", type=int, default=100, help="training steps of every arm")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--proxy-steps", type=int, default=150)
+    p.add_argument("--max-docs-per-source", type=int, default=400)
+    p.add_argument("--max-text-dir-docs", type=int, default=300)
+    p.add_argument("--low-quality", type=int, default=240, help="synthetic low-quality documents")
+    p.add_argument("--clusters", type=int, default=16)
+    p.add_argument("--quad-tau-top-fraction", type=float, default=0.2)
+    p.add_argument("--quad-sample-ratio", type=float, default=0.25)
+    p.add_argument("--quad-block-size", type=int, default=8)
+    p.add_argument("--no-oracle", action="store_true")
+    p.add_argument("--notes", default="", help="Markdown file appended to the results (findings)")
+    args = p.parse_args(argv)
+
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}")
+    s = BenchSettings(out=str(Path(args.out).resolve()), text_dirs=args.text_dir, methods=methods, seeds=tuple(range(args.seeds)),
+                      budget_tokens=args.budget_tokens, max_docs_per_source=args.max_docs_per_source,
+                      max_text_dir_docs=args.max_text_dir_docs, n_low_quality=args.low_quality,
+                      proxy_steps=args.proxy_steps, clusters=args.clusters, oracle=not args.no_oracle,
+                      train=TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                                          lr=args.lr),
+                      quad={"block_size": args.quad_block_size, "warmup_size": 64, "arms_per_round": 2,
+                            "sample_ratio": args.quad_sample_ratio, "tau_top_fraction": args.quad_tau_top_fraction})
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import ray
+
+    # One local Ray for every selection run (oversubscribed logical CPUs: see docs on actor pools).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        result = run_bench(s)
+    finally:
+        ray.shutdown()
+    from bench.quality.report import table_markdown, write_results
+
+    notes = Path(args.notes).read_text() if args.notes else ""
+    command = "python -m bench.quality " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    path = write_results(result, args.results, command, name=args.name, notes=notes)
+    print(table_markdown(result["summary"]))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Smoke test of the quality benchmark machinery at minimum size (real Ray, real tiny models)."""
+
+import math
+
+from bench.quality.report import table_markdown, write_results
+from bench.quality.run import BenchSettings, run_bench
+from bench.quality.train import TrainSettings
+
+
+def test_quality_bench_smallest(ray_local, tmp_path):
+    s = BenchSettings(out=str(tmp_path / "cache"), methods=("random", "perplexity"), seeds=(0,),
+                      budget_tokens=6_000, max_docs_per_source=30, max_text_dir_docs=0, n_low_quality=12,
+                      max_chars=1200, n_general=10, vocab_size=300, max_target_docs=80, proxy_steps=4,
+                      train=TrainSettings(steps=3, batch_size=2, seq_len=32, warmup_steps=1))
+    result = run_bench(s)
+    rows = {r["method"]: r for r in result["summary"]}
+    assert set(rows) == {"random", "perplexity", "oracle"}
+    for r in result["runs"]:
+        assert math.isfinite(r["target_loss"]) and math.isfinite(r["general_loss"])
+    assert 0 < rows["random"]["selected_tokens"] <= 6_000
+    assert rows["random"]["share_of_gain"] == 0.0
+    md = write_results(result, tmp_path / "results", "python -m bench.quality (test)")
+    text = md.read_text()
+    assert "| perplexity | 1 |" in text and "| oracle | 1 |" in text
+    assert (tmp_path / "results" / "quality.png").stat().st_size > 0
+    assert "random" in table_markdown(result["summary"])
