@@ -247,6 +247,27 @@ def runs_show(root: str = typer.Argument(..., help="The work root (work.root of 
 
 
 @app.command()
+def refresh(config: Path = typer.Argument(..., help="Job config with an optional refresh: section (docs/refresh.md)."),
+            progress: bool = typer.Option(True, help="Show progress bars.")):
+    """Refresh the selection of a grown or changed corpus: only new/changed shards are embedded; one refresh per corpus at a time."""
+    from selector.errors import ThresherError
+    from selector.lease import LeaseHeldError
+
+    try:
+        from ray_jobs.refresh import refresh as run_refresh
+        from selector.refresh import load_refresh_config
+
+        settings, cfg = load_refresh_config(config)
+        uri = run_refresh(settings, cfg, progress=progress, log=console.print)
+    except LeaseHeldError as exc:
+        console.print(f"refresh refused: {exc}", markup=False)
+        raise typer.Exit(code=3)
+    except ThresherError as exc:
+        _fail(exc)
+    console.print(f"manifest: {uri}")
+
+
+@app.command()
 def materialize(manifest: str = typer.Argument(..., help="Committed manifest URI (<root>/manifests/<run_id>)."),
                 out: str = typer.Argument(..., help="Output folder (path or URI); must not exist yet."),
                 storage_options: Optional[str] = typer.Option(None, help="fsspec options (JSON) for the manifest."),

@@ -39,6 +39,7 @@ class Job:
     budget: int
     progress: bool
     log: Callable[[str], None]
+    hooks: object = None  # ray_jobs.refresh.RefreshHooks during a refresh, else None
     _documents: pa.Table | None = None
     _loss_workers: list | None = None
 
@@ -67,28 +68,45 @@ def run(config: JobConfig, progress: bool = True, log=print) -> str:
         return target
     except ManifestError:
         pass  # not committed yet: run (finished stages are skipped)
-
-    connect(config.ray)
     workdir = WorkDir(config.work.root, run_id, config.work.storage_options)
+    return run_pipeline(config, run_id, workdir, progress, log)
+
+
+def run_pipeline(config: JobConfig, run_id: str, workdir: WorkDir, progress: bool = True, log=print,
+                 shards: list[ShardInfo] | None = None, hooks=None) -> str:
+    """The pipeline with its stages in ``workdir`` and its manifest committed as ``run_id``.
+
+    ``shards``: the corpus listing to use (default: list it now). ``hooks``: the refresh job's
+    (:class:`ray_jobs.refresh.RefreshHooks`): incremental clustering, bandit carry-forward,
+    reuse of an unchanged selection and the delta file; None for a plain run.
+    """
+    connect(config.ray)
     tokenizer = load_tokenizer(config.tokenizer)  # fail fast on a wrong path, before any Ray work
 
     # 1. index: list shards, validate, count documents and tokens
-    shards = Corpus(config.corpus).list_shards()
+    if shards is None:
+        shards = Corpus(config.corpus).list_shards()
     log(f"run {run_id}: {len(shards)} shards under {config.corpus.uri}")
     readers = start_shard_readers(config.corpus, config.tokenizer, workdir, shards,
                                   config.ray.shard_readers, config.ray.reader_num_cpus)
     index_stats = index_corpus(readers, config.stage_hash("corpus", "tokenizer"), progress)
     log(f"indexed {index_stats['documents']:,} documents, {index_stats['tokens']:,} tokens, "
         f"{index_stats['rejected']} rejected ({index_stats['shards_skipped']} shards already indexed)")
-    job = Job(config, workdir, shards, readers, config.budget.resolve(index_stats["tokens"]), progress, log)
+    job = Job(config, workdir, shards, readers, config.budget.resolve(index_stats["tokens"]), progress, log,
+              hooks=hooks)
 
-    # 2-5. the method's own stages, then its selection
-    rows, extra = METHODS[config.method](job)
-    # 6. token masks (Rho-1) on top of any method's selection
     tokenizer_info = {"path": config.tokenizer, "fingerprint": tokenizer_fingerprint(tokenizer)}
+    reused = hooks.reuse(job, index_stats) if hooks is not None else None
+    if reused is not None:  # a refresh of an unchanged corpus: the previous selection, as it was
+        rows, extra = reused
+    else:
+        # 2-5. the method's own stages, then its selection
+        rows, extra = METHODS[config.method](job)
+        # 6. token masks (Rho-1) on top of any method's selection
+        if config.mask_tokens:
+            rows, mask_summary = add_token_masks(job, rows)
+            extra.setdefault("stages", {})["mask"] = mask_summary
     if config.mask_tokens:
-        rows, mask_summary = add_token_masks(job, rows)
-        extra.setdefault("stages", {})["mask"] = mask_summary
         tokenizer_info["token_masks"] = "token_mask: np.packbits(mask, bitorder='little') over this tokenizer's tokens"
 
     # manifest, committed last
@@ -100,6 +118,8 @@ def run(config: JobConfig, progress: bool = True, log=print) -> str:
                           tokenizer=tokenizer_info,
                           stages={"index": {k: v for k, v in index_stats.items() if k != "shards"}, **extra.pop("stages", {})})
     summary.update(extra)
+    if hooks is not None:
+        hooks.before_commit(job, writer, table, summary)
     uri = writer.commit(summary)
     selected = summary["budget"]["selected_tokens"]
     log(f"selected {summary['budget']['selected_documents']:,} documents, {selected:,} of {job.budget:,} "
@@ -125,6 +145,8 @@ def select_quad(job: Job):
     keys, stages = embed_and_cluster(job)
     owners = job.owners()
     workers = prepare_influence(job.config, job.workdir, job.readers, owners, job.progress, job.log)
+    if job.hooks is not None:  # a refresh: seed the bandit with the previous run's arm statistics
+        stages["bandit_carry"] = job.hooks.prepare_bandit(job, keys)
     bandit = start_bandit(job.workdir, job.config.quad, job.budget, job.config.seed, cluster_keys=keys)
     status = run_quad_rounds(bandit, influence_score_fn(workers, job.readers, owners), job.progress, job.log)
     chosen = ray.get(bandit.selection.remote())
@@ -262,11 +284,16 @@ def embed_and_cluster(job: Job) -> tuple[list[str], dict]:
                             num_cpus=job.config.ray.worker_num_cpus)
     job.log(f"embed: {embedded['documents']:,} documents ({embedded['shards_skipped']} shards already embedded, "
             f"{embedded['truncated']:,} truncated to {job.config.embed.max_tokens} tokens) on {embedded['device']}")
-    clustered = cluster_corpus(job.workdir, embedded["keys"], job.config.cluster, progress=job.progress)
+    if job.hooks is not None:  # a refresh: assign new shards to the kept centroids, refit only on drift
+        clustered = job.hooks.cluster(job, embedded["keys"])
+    else:
+        clustered = cluster_corpus(job.workdir, embedded["keys"], job.config.cluster, progress=job.progress)
     job.log(f"cluster: k={clustered['k']}, {clustered['neighbour_pairs']} neighbour pairs, "
             f"{clustered['shards_skipped']} shards already assigned")
-    stages = {"embed": {k: embedded[k] for k in ("documents", "truncated", "shards_skipped", "device") if k in embedded},
-              "cluster": {k: clustered[k] for k in ("k", "neighbour_pairs", "empty_clusters", "fit_skipped") if k in clustered}}
+    stages = {"embed": {k: embedded[k] for k in ("documents", "truncated", "shards_embedded", "shards_skipped",
+                                                 "device") if k in embedded},
+              "cluster": {k: clustered[k] for k in ("k", "neighbour_pairs", "empty_clusters", "fit_skipped",
+                                                    "shards_assigned", "refit", "drift") if k in clustered}}
     return embedded["keys"], stages
 
 

@@ -38,6 +38,13 @@ exploration bonus (uncertainty) must not shrink. The mean is the weighted mean
 
 Exhausted arms (clusters with no documents left) leave the bandit and are never chosen again.
 
+Carrying statistics forward (the nightly refresh). :meth:`UCBBandit.carry_forward` starts a
+fresh bandit from another run's arm statistics (``to_dict`` output) for the arms both share:
+pulls, reward weight and weighted reward sum are multiplied by a ``decay`` in [0, 1] (pulls
+rounded), so the means are kept and only their confidence shrinks; ``total_pulls`` becomes the
+sum of the carried pulls. Arms only in the new run start at zero; arms only in the old one are
+dropped. Every arm starts active (exhaustion is per run).
+
 Determinism. There is no random state: ties in the score are broken by a per-arm priority,
 a hash of ``(seed, arm)``, so the same seed and the same rewards give the same choices, and
 :meth:`UCBBandit.to_dict` / :meth:`UCBBandit.from_dict` round-trip exactly through JSON.
@@ -195,6 +202,25 @@ class UCBBandit:
                     self.weighted_sum[j] += w * reward
                     spread.append((b, w))
         return spread
+
+    def carry_forward(self, prior: dict[str, Any], decay: float = 1.0) -> int:
+        """Initialise this (never updated) bandit from ``prior`` (a :meth:`to_dict`) for the arms
+        both share; see the module docstring. Returns how many arms were carried."""
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        if self.total_pulls or self.weight.any():
+            raise ValueError("carry_forward needs a fresh bandit (no pulls or rewards yet)")
+        carried = 0
+        for arm, pulls, weight, wsum in zip(prior["arms"], prior["pulls"], prior["weight"], prior["weighted_sum"]):
+            i = self._pos.get(int(arm))
+            if i is None:
+                continue  # the cluster has no documents in this run
+            self.pulls[i] = int(round(decay * int(pulls)))
+            self.weight[i] = decay * float(weight)
+            self.weighted_sum[i] = decay * float(wsum)
+            carried += 1
+        self.total_pulls = int(self.pulls.sum())
+        return carried
 
     def remove(self, arm: int) -> None:
         """``arm`` is exhausted: it leaves the bandit for good."""

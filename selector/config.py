@@ -209,16 +209,21 @@ def parse_config(data: Any, source: str = "<dict>") -> JobConfig:
         raise ConfigError(_format_errors(exc, source)) from None
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
-    """Load a YAML job config; ``overrides`` are merged on top (dotted keys allowed)."""
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML of a config file, or a :class:`ConfigError` naming the file."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Load a YAML job config; ``overrides`` are merged on top (dotted keys allowed)."""
+    data = read_yaml(path)
     for dotted, value in (overrides or {}).items():
         cursor = data
         *parents, leaf = dotted.split(".")

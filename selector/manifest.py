@@ -6,6 +6,8 @@ Layout under ``<root>/manifests/``::
     <run_id>/manifest.json            run id, created-at, redacted config, config hash, corpus
                                       snapshot, models, tokenizer, budget, counts, versions, parts
     <run_id>/_SUCCESS                 written last; readers ignore a manifest without it
+    <run_id>/<extra>                  optional side files staged with ``write_extra`` (e.g. the
+                                      refresh job's ``delta.parquet``), listed in ``extras``
 
 The writer stages everything under ``_staging/<run_id>-<nonce>/`` and commits by copying the
 parts and ``manifest.json`` into ``<run_id>/`` and writing ``_SUCCESS`` last. A committed
@@ -94,6 +96,7 @@ class ManifestWriter:
         self.staging = f"{root_path}/manifests/_staging/{run_id}-{uuid.uuid4().hex[:10]}"
         self.rows_per_part = rows_per_part
         self.parts: list[dict[str, Any]] = []
+        self.extras: list[str] = []
         if self.fs.exists(f"{self.final}/{SUCCESS}"):
             raise ManifestError(f"manifest {manifest_uri(root, run_id)} is already committed; a manifest is never "
                                 "rewritten — use a new run_id")
@@ -109,6 +112,15 @@ class ManifestWriter:
             name = f"part-{len(self.parts):05d}.parquet"
             atomic_write_bytes(self.fs, f"{self.staging}/{name}", table_to_parquet_bytes(chunk))
             self.parts.append({"name": name, "rows": chunk.num_rows})
+
+    def write_extra(self, name: str, data: bytes) -> None:
+        """Stage a side file (e.g. ``delta.parquet``) that :meth:`commit` copies in before ``_SUCCESS``."""
+        if not name or "/" in name or name.startswith(("_", ".")) or name == MANIFEST_JSON or name.startswith("part-"):
+            raise ManifestError(f"invalid extra file name {name!r}: a plain name, not a part, "
+                                f"{MANIFEST_JSON} or a hidden/underscore name")
+        atomic_write_bytes(self.fs, f"{self.staging}/{name}", data)
+        if name not in self.extras:
+            self.extras.append(name)
 
     def commit(self, summary: dict[str, Any]) -> str:
         """Move the staged parts into place, write ``manifest.json``, then ``_SUCCESS``."""
@@ -127,9 +139,13 @@ class ManifestWriter:
             "versions": versions(),
             "schema": [f.name for f in MANIFEST_SCHEMA],
         })
+        if self.extras:
+            body["extras"] = list(self.extras)
         self.fs.makedirs(self.final, exist_ok=True)
         for part in self.parts:
             self.fs.copy(f"{self.staging}/{part['name']}", f"{self.final}/{part['name']}")
+        for name in self.extras:
+            self.fs.copy(f"{self.staging}/{name}", f"{self.final}/{name}")
         atomic_write_bytes(self.fs, f"{self.final}/{MANIFEST_JSON}", json.dumps(body, indent=2, default=str).encode())
         atomic_write_bytes(self.fs, f"{self.final}/{SUCCESS}", b"")
         try:

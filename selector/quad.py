@@ -56,6 +56,12 @@ rounds), not O(documents)). Restoring and continuing gives exactly the uninterru
 For long runs the round log can be split off (``to_dict(history_since=n)`` and
 ``from_dict(..., history_prefix=...)``) so per-round checkpoints do not rewrite it all.
 
+Carrying arm statistics forward (the nightly refresh, :mod:`ray_jobs.refresh`).
+:meth:`QuadSelector.carry_forward` seeds a fresh selector's bandit with an earlier run's final
+arm statistics (:meth:`selector.bandit.UCBBandit.carry_forward`): only valid when the cluster
+ids mean the same clusters (same centroids). tau and the reward scale are not carried: the
+warm-up recalibrates them on the current corpus.
+
 History. One JSON record per round, for the report and for ``manifest.json["quad"]``
 (:meth:`QuadSelector.summary`):
 
@@ -468,6 +474,13 @@ class QuadSelector:
             "scored_documents": int(sum(sum(h.get("sample_docs", [])) + h.get("n_scored", 0) for h in self.history)),
             "history": list(self.history),
         }
+
+    def carry_forward(self, prior_bandit: dict[str, Any], decay: float = 1.0) -> int:
+        """Seed the bandit from an earlier run's ``to_dict()["bandit"]`` before any round is
+        applied; returns the number of arms carried."""
+        if self.history or self.used_tokens:
+            raise ValueError("carry_forward must come before the first round")
+        return self.bandit.carry_forward(prior_bandit, decay)
 
     # -- state -----------------------------------------------------------------------------
     def to_dict(self, history_since: int = 0) -> dict[str, Any]:

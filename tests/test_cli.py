@@ -19,7 +19,7 @@ def thresher(*args, timeout=600):
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["manifest"], ["manifest", "show"], ["runs"],
-                                     ["runs", "list"], ["runs", "show"], ["report"], ["materialize"]])
+                                     ["runs", "list"], ["runs", "show"], ["report"], ["materialize"], ["refresh"]])
 def test_every_command_documents_itself(command):
     result = thresher(*command, "--help")
     assert result.returncode == 0, result.stderr

@@ -151,7 +151,6 @@ def test_refresh_entrypoint_names_the_refresh_module():
     assert module == "ray_jobs.refresh" and path == "/configs/refresh.yaml"
 
 
-@pytest.mark.xfail(strict=True, reason="ray_jobs.refresh lands with the refresh job")
 def test_refresh_module_exists():
     module, _ = parse_entrypoint(rayjobs()["refresh-rayjob.yaml"]["spec"]["entrypoint"])
     assert importlib.util.find_spec(module) is not None

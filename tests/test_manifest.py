@@ -127,3 +127,18 @@ def test_mask_packing_roundtrip():
     for n in (1, 7, 8, 9, 1000):
         mask = rng.random(n) > 0.5
         assert np.array_equal(unpack_mask(pack_mask(mask), n), mask)
+
+
+def test_extra_files_are_staged_and_committed_with_the_manifest(tmp_path):
+    writer = ManifestWriter(str(tmp_path), "run-7")
+    writer.write(selection_table(rows(2)))
+    writer.write_extra("delta.parquet", b"delta bytes")
+    final = tmp_path / "manifests" / "run-7"
+    assert not final.exists(), "extras are staged, not written into the manifest before commit"
+    for bad in ("part-00009.parquet", "manifest.json", "_SUCCESS", "a/b", ""):
+        with pytest.raises(ManifestError, match="invalid extra file name"):
+            writer.write_extra(bad, b"x")
+    manifest = read_manifest(writer.commit({}))
+    assert (final / "delta.parquet").read_bytes() == b"delta bytes"
+    assert manifest.summary["extras"] == ["delta.parquet"] and len(manifest) == 2
+    assert not list((tmp_path / "manifests" / "_staging").glob("*"))
