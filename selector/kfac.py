@@ -111,28 +111,38 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def accumulate_factors(model, tokenizer, texts: Sequence[str], blocks: list[TrackedBlock], *,
-                       chunk_tokens: int, batch_size: int = 8, fisher: str = "true", seed: int = 0,
-                       max_chunks_per_doc: int | None = None) -> FactorSums:
-    """One pass over ``texts``: sums of a a^T and g g^T (fp32) over non-pad tokens."""
+def _fitting_tokens(model, tokenizer, texts, blocks, chunk_tokens, batch_size, fisher, seed, max_chunks_per_doc):
+    """Per fitting batch: (non-pad token count, [(block name, a_t rows, g_t rows)]) in fp32.
+
+    Both factor passes (K-FAC, then EK-FAC) walk the same batches with the same sampled labels
+    (seeded generator), so their statistics describe the same Fisher.
+    """
     model.eval()
     device = _model_device(model)
     chunks = tokenize_chunks(tokenizer, texts, chunk_tokens, max_chunks_per_doc)
-    A = {b.name: torch.zeros(b.in_aug, b.in_aug, dtype=torch.float32, device=device) for b in blocks}
-    G = {b.name: torch.zeros(b.out_features, b.out_features, dtype=torch.float32, device=device) for b in blocks}
-    n = 0
     gen = torch.Generator(device=device).manual_seed(seed)
     with activation_grads_only(model), capture(blocks):
         for batch in batches(chunks, batch_size, pad_id_of(tokenizer), device):
             loss = chunk_losses(model, batch, sample_labels=(fisher == "true"), generator=gen, reduce="sum").sum()
             loss.backward()
             mask = batch.token_mask.bool()
-            for b in blocks:
-                a = b.a_aug()[mask].float()
-                g = b.g[mask].float()
-                A[b.name] += a.T @ a
-                G[b.name] += g.T @ g
-            n += int(mask.sum())
+            yield int(mask.sum()), [(b.name, b.a_aug()[mask].float(), b.g[mask].float()) for b in blocks]
+
+
+def accumulate_factors(model, tokenizer, texts: Sequence[str], blocks: list[TrackedBlock], *,
+                       chunk_tokens: int, batch_size: int = 8, fisher: str = "true", seed: int = 0,
+                       max_chunks_per_doc: int | None = None) -> FactorSums:
+    """One pass over ``texts``: sums of a a^T and g g^T (fp32) over non-pad tokens."""
+    device = _model_device(model)
+    A = {b.name: torch.zeros(b.in_aug, b.in_aug, dtype=torch.float32, device=device) for b in blocks}
+    G = {b.name: torch.zeros(b.out_features, b.out_features, dtype=torch.float32, device=device) for b in blocks}
+    n = 0
+    for n_batch, per_block in _fitting_tokens(model, tokenizer, texts, blocks, chunk_tokens, batch_size, fisher,
+                                              seed, max_chunks_per_doc):
+        for name, a, g in per_block:
+            A[name] += a.T @ a
+            G[name] += g.T @ g
+        n += n_batch
     return FactorSums({k: v.cpu() for k, v in A.items()}, {k: v.cpu() for k, v in G.items()}, n)
 
 
@@ -256,24 +266,16 @@ def accumulate_ekfac(model, tokenizer, texts: Sequence[str], blocks: list[Tracke
                      chunk_tokens: int, batch_size: int = 8, fisher: str = "true", seed: int = 0,
                      max_chunks_per_doc: int | None = None) -> EKFACSums:
     """Second pass: sums of ((Q_G^T g_t)^2)((Q_A^T a_t)^2)^T over non-pad tokens."""
-    model.eval()
     device = _model_device(model)
-    chunks = tokenize_chunks(tokenizer, texts, chunk_tokens, max_chunks_per_doc)
     S = {b.name: torch.zeros(b.out_features, b.in_aug, dtype=torch.float64, device=device) for b in blocks}
     QA = {b.name: factors.QA[b.name].to(device=device, dtype=torch.float32) for b in blocks}
     QG = {b.name: factors.QG[b.name].to(device=device, dtype=torch.float32) for b in blocks}
     n = 0
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with activation_grads_only(model), capture(blocks):
-        for batch in batches(chunks, batch_size, pad_id_of(tokenizer), device):
-            loss = chunk_losses(model, batch, sample_labels=(fisher == "true"), generator=gen, reduce="sum").sum()
-            loss.backward()
-            mask = batch.token_mask.bool()
-            for b in blocks:
-                ra = (b.a_aug()[mask].float() @ QA[b.name]) ** 2
-                rg = (b.g[mask].float() @ QG[b.name]) ** 2
-                S[b.name] += (rg.T @ ra).double()
-            n += int(mask.sum())
+    for n_batch, per_block in _fitting_tokens(model, tokenizer, texts, blocks, chunk_tokens, batch_size, fisher,
+                                              seed, max_chunks_per_doc):
+        for name, a, g in per_block:
+            S[name] += (((g @ QG[name]) ** 2).T @ ((a @ QA[name]) ** 2)).double()
+        n += n_batch
     return EKFACSums({k: v.cpu() for k, v in S.items()}, n)
 
 
