@@ -19,8 +19,13 @@ def test_quality_bench_smallest(ray_local, tmp_path):
         assert math.isfinite(r["target_loss"]) and math.isfinite(r["general_loss"])
     assert 0 < rows["random"]["selected_tokens"] <= 6_000
     assert rows["random"]["share_of_gain"] == 0.0
+    by_method = {r["method"]: r for r in result["runs"]}
+    assert math.isclose(rows["perplexity"]["delta_vs_random"],
+                        by_method["perplexity"]["target_loss"] - by_method["random"]["target_loss"])
+    assert len(result["code"]["commit"]) == 40
     md = write_results(result, tmp_path / "results", "python -m bench.quality (test)")
     text = md.read_text()
     assert "| perplexity | 1 |" in text and "| oracle | 1 |" in text
+    assert f"commit `{result['code']['commit'][:10]}`" in text
     assert (tmp_path / "results" / "quality.png").stat().st_size > 0
     assert "random" in table_markdown(result["summary"])

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quad-tau-top-fraction", type=float, default=0.2)
     p.add_argument("--quad-sample-ratio", type=float, default=0.25)
     p.add_argument("--quad-block-size", type=int, default=8)
+    p.add_argument("--quad-fill-rejected", action="store_true",
+                   help="quad: fill the budget from rejected blocks when every arm is exhausted (not in the paper)")
     p.add_argument("--no-oracle", action="store_true")
     p.add_argument("--notes", default="", help="Markdown file appended to the results (findings)")
     args = p.parse_args(argv)
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                       train=TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                           lr=args.lr),
                       quad={"block_size": args.quad_block_size, "warmup_size": 64, "arms_per_round": 2,
-                            "sample_ratio": args.quad_sample_ratio, "tau_top_fraction": args.quad_tau_top_fraction})
+                            "sample_ratio": args.quad_sample_ratio, "tau_top_fraction": args.quad_tau_top_fraction,
+                            **({"fill_rejected": True} if args.quad_fill_rejected else {})})
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray

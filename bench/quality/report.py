@@ -11,15 +11,17 @@ def _pm(mean, std, digits=4):
 
 
 def table_markdown(summary: list[dict]) -> str:
-    lines = ["| method | seeds | target test loss | general held-out loss | share of gain | selected tokens "
-             "| loss tokens | select s | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | target test loss | Δ target vs random (paired) | general held-out loss "
+             "| share of gain | selected tokens | loss tokens | select s | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(["oracle", "random"])}
     for r in sorted(summary, key=lambda r: (order.get(r["method"], 2), r["target_mean"])):
         share = "—" if r["share_of_gain"] is None else (
             f"{r['share_of_gain']:+.2f}" + (f" ± {r['share_std']:.2f}" if r.get("share_std") is not None else ""))
         sel = "—" if r["selected_tokens"] is None else f"{r['selected_tokens']:,.0f}"
-        lines.append(f"| {r['method']} | {r['seeds']} | {_pm(r['target_mean'], r['target_std'])} | "
+        delta = "—" if r.get("delta_vs_random") is None or r["method"] == "random" else (
+            f"{r['delta_vs_random']:+.4f}" + (f" ± {r['delta_std']:.4f}" if r.get("delta_std") is not None else ""))
+        lines.append(f"| {r['method']} | {r['seeds']} | {_pm(r['target_mean'], r['target_std'])} | {delta} | "
                      f"{_pm(r['general_mean'], r['general_std'])} | {share} | {sel} | {r['kept_tokens']:,.0f} | "
                      f"{r['select_s']:.0f} | {r['train_s']:.0f} |")
     return "\n".join(lines)
@@ -63,13 +65,19 @@ def write_results(result: dict, out_dir: str | Path, command: str, name: str = "
     s, d = result["settings"], result["data"]
     plot(result["summary"], out / f"{name}.png",
          f"{s['budget_tokens']:,} budget tokens, {s['train']['steps']} steps, seeds {s['seeds']}")
+    code = result.get("code") or {}
+    version = (f"commit `{code['commit'][:10]}`" + (" plus uncommitted changes" if code.get("dirty") else "")
+               if code.get("commit") else "an unknown commit")
+    load = result.get("load_avg_end")
     md = [f"# Quality benchmark: do the selections make a better model?", "",
           "Reproduce:", "", "```bash", command, "```", "",
-          f"Machine: shared 2-core CPU (other jobs ran beside it; times are noisy). Total wall time "
-          f"{result['wall_s'] / 60:.1f} min.", "",
+          f"Ran on {version}, one invocation from an empty cache unless the notes say otherwise. Machine: "
+          f"shared 2-core CPU; total wall time {result['wall_s'] / 60:.1f} min"
+          + (f" (load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f})." if load else "."), "",
           table_markdown(result["summary"]), "",
           "Share of gain = (random − method) / (random − oracle) on mean target test loss (± its std over "
-          "seeds, paired per seed). Loss tokens = tokens whose loss was trained on (token masks drop "
+          "seeds, paired per seed). Δ vs random = method − random target loss on the same seed (same init, "
+          "same selection seed), mean ± std over seeds: negative is better. Loss tokens = tokens whose loss was trained on (token masks drop "
           "the rest; EOS separators included).", "",
           f"![plot]({name}.png)", "",
           "## Setup", "",

@@ -10,6 +10,8 @@ held-out set. An oracle trains on unseen target-domain text under the same budge
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -268,10 +270,24 @@ def run_bench(s: BenchSettings, ray_started_here: bool = True) -> dict:
             _log(f"seed {seed} {method:17s} target {r['target_loss']:.4f} general {r['general_loss']:.4f} "
                  f"({r['documents']} docs, select {r['select_s']}s, train {r['train_s']}s)")
             results.append(r)
-    return {"settings": _jsonable(asdict(s)), "data": {"sources": data.sources, "reference_docs": len(data.reference),
+    return {"settings": _jsonable(asdict(s)), "code": code_version(), "load_avg_end": os.getloadavg(), "data": {"sources": data.sources, "reference_docs": len(data.reference),
             "test_docs": len(data.test), "oracle_pool_docs": len(data.oracle), "general_docs": len(data.general),
             "target_eval_tokens": int(len(evals["target"])), "general_eval_tokens": int(len(evals["general"]))},
             "runs": results, "summary": summarize(results), "wall_s": round(time.time() - t_start, 1)}
+
+
+def code_version() -> dict:
+    """The commit the bench ran on, and whether the tree had uncommitted changes (then the table is not
+    reproducible from that commit alone)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
 
 
 def _jsonable(obj):
@@ -295,12 +311,15 @@ def summarize(results: list[dict]) -> list[dict]:
         shares = [(paired[r["seed"]] - r["target_loss"]) / (paired[r["seed"]] - opaired[r["seed"]])
                   for r in rs if r["seed"] in paired and r["seed"] in opaired
                   and paired[r["seed"]] != opaired[r["seed"]]]
+        deltas = [r["target_loss"] - paired[r["seed"]] for r in rs if r["seed"] in paired]
         sel = [r["selected_tokens"] for r in rs if r["selected_tokens"] is not None]
         rows.append({"method": m, "seeds": len(rs), "target_mean": float(t.mean()),
                      "target_std": float(t.std(ddof=1)) if len(t) > 1 else 0.0,
                      "general_mean": float(g.mean()), "general_std": float(g.std(ddof=1)) if len(g) > 1 else 0.0,
                      "share_of_gain": float((mean["random"] - t.mean()) / gap) if np.isfinite(gap) and gap else None,
                      "share_std": float(np.std(shares, ddof=1)) if len(shares) > 1 else None,
+                     "delta_vs_random": float(np.mean(deltas)) if deltas else None,
+                     "delta_std": float(np.std(deltas, ddof=1)) if len(deltas) > 1 else None,
                      "selected_tokens": float(np.mean(sel)) if sel else None,
                      "kept_tokens": float(np.mean([r["kept_tokens"] for r in rs])),
                      "select_s": float(np.mean([r["select_s"] for r in rs])),
