@@ -29,3 +29,21 @@ def test_quality_bench_smallest(ray_local, tmp_path):
     assert f"commit `{result['code']['commit'][:10]}`" in text
     assert (tmp_path / "results" / "quality.png").stat().st_size > 0
     assert "random" in table_markdown(result["summary"])
+
+
+def test_summary_pairs_each_method_with_random_and_its_token_matched_random():
+    from bench.quality.run import summarize
+
+    def run(method, seed, target, tokens=90_000):
+        return {"method": method, "seed": seed, "target_loss": target, "general_loss": 6.0,
+                "selected_tokens": tokens, "kept_tokens": tokens or 88_000, "select_s": 1.0, "train_s": 1.0}
+
+    results = [run("random", 0, 6.4), run("random", 1, 6.5), run("oracle", 0, 6.2, None), run("oracle", 1, 6.3, None),
+               run("quad", 0, 6.3, 40_000), run("quad", 1, 6.45, 50_000),
+               run("random@quad", 0, 6.35, 40_000), run("random@quad", 1, 6.4, 50_000)]
+    rows = {r["method"]: r for r in summarize(results)}
+    assert math.isclose(rows["quad"]["delta_vs_random"], ((6.3 - 6.4) + (6.45 - 6.5)) / 2)
+    assert math.isclose(rows["quad"]["delta_vs_matched"], ((6.3 - 6.35) + (6.45 - 6.4)) / 2)
+    assert rows["random"]["delta_vs_matched"] is None
+    assert math.isclose(rows["quad"]["share_of_gain"], (6.45 - 6.375) / (6.45 - 6.25))
+    assert "| quad | 2 |" in table_markdown(summarize(results))

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quad-fill-rejected", action="store_true",
                    help="quad: fill the budget from rejected blocks when every arm is exhausted (not in the paper)")
     p.add_argument("--no-oracle", action="store_true")
+    p.add_argument("--matched-random", action="store_true",
+                   help="also train random@<method> on random documents up to the tokens an under-filling method selected")
     p.add_argument("--notes", default="", help="Markdown file appended to the results (findings)")
     args = p.parse_args(argv)
 
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                       budget_tokens=args.budget_tokens, max_docs_per_source=args.max_docs_per_source,
                       max_text_dir_docs=args.max_text_dir_docs, n_low_quality=args.low_quality,
                       proxy_steps=args.proxy_steps, clusters=args.clusters, oracle=not args.no_oracle,
+                      matched_random=args.matched_random,
                       train=TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                           lr=args.lr),
                       quad={"block_size": args.quad_block_size, "warmup_size": 64, "arms_per_round": 2,

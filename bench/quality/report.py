@@ -11,9 +11,9 @@ def _pm(mean, std, digits=4):
 
 
 def table_markdown(summary: list[dict]) -> str:
-    lines = ["| method | seeds | target test loss | Δ target vs random (paired) | general held-out loss "
-             "| share of gain | selected tokens | loss tokens | select s | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | target test loss | Δ target vs random (paired) | Δ vs random@same tokens "
+             "| general held-out loss | share of gain | selected tokens | loss tokens | select s | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(["oracle", "random"])}
     for r in sorted(summary, key=lambda r: (order.get(r["method"], 2), r["target_mean"])):
         share = "—" if r["share_of_gain"] is None else (
@@ -21,7 +21,9 @@ def table_markdown(summary: list[dict]) -> str:
         sel = "—" if r["selected_tokens"] is None else f"{r['selected_tokens']:,.0f}"
         delta = "—" if r.get("delta_vs_random") is None or r["method"] == "random" else (
             f"{r['delta_vs_random']:+.4f}" + (f" ± {r['delta_std']:.4f}" if r.get("delta_std") is not None else ""))
-        lines.append(f"| {r['method']} | {r['seeds']} | {_pm(r['target_mean'], r['target_std'])} | {delta} | "
+        matched = "—" if r.get("delta_vs_matched") is None else (
+            f"{r['delta_vs_matched']:+.4f}" + (f" ± {r['matched_std']:.4f}" if r.get("matched_std") is not None else ""))
+        lines.append(f"| {r['method']} | {r['seeds']} | {_pm(r['target_mean'], r['target_std'])} | {delta} | {matched} | "
                      f"{_pm(r['general_mean'], r['general_std'])} | {share} | {sel} | {r['kept_tokens']:,.0f} | "
                      f"{r['select_s']:.0f} | {r['train_s']:.0f} |")
     return "\n".join(lines)
@@ -77,7 +79,10 @@ def write_results(result: dict, out_dir: str | Path, command: str, name: str = "
           table_markdown(result["summary"]), "",
           "Share of gain = (random − method) / (random − oracle) on mean target test loss (± its std over "
           "seeds, paired per seed). Δ vs random = method − random target loss on the same seed (same init, "
-          "same selection seed), mean ± std over seeds: negative is better. Loss tokens = tokens whose loss was trained on (token masks drop "
+          "same selection seed), mean ± std over seeds: negative is better. random@<method> (with "
+          "--matched-random) trains on random documents up to the tokens <method> selected when it under-filled "
+          "the budget: every arm trains for the same steps, so fewer tokens means more repetition, and "
+          "Δ vs random@same tokens compares at equal repetition. Loss tokens = tokens whose loss was trained on (token masks drop "
           "the rest; EOS separators included).", "",
           f"![plot]({name}.png)", "",
           "## Setup", "",

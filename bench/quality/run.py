@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,11 @@ class BenchSettings:
                                                  "sample_ratio": 0.25})
     keep_ratio: float = 0.6
     oracle: bool = True
+    # Also train "random@<method>": random documents up to the token count <method> actually
+    # selected, for methods that under-fill the budget. Every arm trains for the same steps, so an
+    # under-filled selection is repeated more often; this control separates what was selected from
+    # how often it was seen.
+    matched_random: bool = False
 
 
 def _log(msg: str) -> None:
@@ -191,7 +196,7 @@ def share_stages(work_root: Path, run_id: str, clusters: bool) -> None:
 
 
 def run_one(method: str, seed: int, data: BenchData, models: dict, s: BenchSettings, tokenizer, evals,
-            cache: Path) -> dict:
+            cache: Path, label: str | None = None) -> dict:
     from selector.config import parse_config
     from selector.manifest import read_manifest
     from selector.proxy_models import build_causal_lm
@@ -226,7 +231,7 @@ def run_one(method: str, seed: int, data: BenchData, models: dict, s: BenchSetti
         build_causal_lm(data.tokenizer_dir, init, hidden_size=s.hidden_size, num_layers=s.num_layers, seed=seed)
     t1 = time.time()
     model = train_lm(str(init), stream, mask, s.train, seed)
-    result = {"method": method, "seed": seed, "target_loss": eval_loss(model, evals["target"], s.train.seq_len),
+    result = {"method": label or method, "seed": seed, "target_loss": eval_loss(model, evals["target"], s.train.seq_len),
               "general_loss": eval_loss(model, evals["general"], s.train.seq_len),
               "selected_tokens": selected_tokens, "documents": n_docs, "train_tokens": int(len(stream)),
               "kept_tokens": int(mask.sum()), "select_s": round(select_s, 1), "train_s": round(time.time() - t1, 1),
@@ -270,6 +275,17 @@ def run_bench(s: BenchSettings, ray_started_here: bool = True) -> dict:
             _log(f"seed {seed} {method:17s} target {r['target_loss']:.4f} general {r['general_loss']:.4f} "
                  f"({r['documents']} docs, select {r['select_s']}s, train {r['train_s']}s)")
             results.append(r)
+        for r in ([x for x in results if x["seed"] == seed] if s.matched_random else []):
+            tokens = r["selected_tokens"]
+            if r["method"] in ("random", "oracle", "quad+mask") or tokens is None or tokens >= 0.98 * s.budget_tokens:
+                continue
+            label = f"random@{r['method']}"
+            cache = Path(s.out) / f"results-{keys['runs']}" / f"{label}-s{seed}.json"
+            m = json.loads(cache.read_text()) if cache.exists() else run_one(
+                "random", seed, data, models, replace(s, budget_tokens=int(tokens)), tokenizer, evals, cache, label=label)
+            _log(f"seed {seed} {label:17s} target {m['target_loss']:.4f} general {m['general_loss']:.4f} "
+                 f"({m['documents']} docs, {m['selected_tokens']:,} tokens like {r['method']})")
+            results.append(m)
     return {"settings": _jsonable(asdict(s)), "code": code_version(), "load_avg_end": os.getloadavg(), "data": {"sources": data.sources, "reference_docs": len(data.reference),
             "test_docs": len(data.test), "oracle_pool_docs": len(data.oracle), "general_docs": len(data.general),
             "target_eval_tokens": int(len(evals["target"])), "general_eval_tokens": int(len(evals["general"]))},
@@ -312,6 +328,8 @@ def summarize(results: list[dict]) -> list[dict]:
                   for r in rs if r["seed"] in paired and r["seed"] in opaired
                   and paired[r["seed"]] != opaired[r["seed"]]]
         deltas = [r["target_loss"] - paired[r["seed"]] for r in rs if r["seed"] in paired]
+        matched = {r["seed"]: r["target_loss"] for r in by.get(f"random@{m}", [])}
+        mdeltas = [r["target_loss"] - matched[r["seed"]] for r in rs if r["seed"] in matched]
         sel = [r["selected_tokens"] for r in rs if r["selected_tokens"] is not None]
         rows.append({"method": m, "seeds": len(rs), "target_mean": float(t.mean()),
                      "target_std": float(t.std(ddof=1)) if len(t) > 1 else 0.0,
@@ -320,6 +338,8 @@ def summarize(results: list[dict]) -> list[dict]:
                      "share_std": float(np.std(shares, ddof=1)) if len(shares) > 1 else None,
                      "delta_vs_random": float(np.mean(deltas)) if deltas else None,
                      "delta_std": float(np.std(deltas, ddof=1)) if len(deltas) > 1 else None,
+                     "delta_vs_matched": float(np.mean(mdeltas)) if mdeltas else None,
+                     "matched_std": float(np.std(mdeltas, ddof=1)) if len(mdeltas) > 1 else None,
                      "selected_tokens": float(np.mean(sel)) if sel else None,
                      "kept_tokens": float(np.mean([r["kept_tokens"] for r in rs])),
                      "select_s": float(np.mean([r["select_s"] for r in rs])),
