@@ -26,7 +26,8 @@ def test_quality_bench_smallest(ray_local, tmp_path):
     md = write_results(result, tmp_path / "results", "python -m bench.quality (test)")
     text = md.read_text()
     assert "| perplexity | 1 |" in text and "| oracle | 1 |" in text
-    assert f"commit `{result['code']['commit'][:10]}`" in text
+    assert f"commit `{result['code']['commit'][:10]}`" in text and "every run computed in it" in text
+    assert all(r["commit"] == result["code"]["commit"] for r in result["runs"])
     assert (tmp_path / "results" / "quality.png").stat().st_size > 0
     assert "random" in table_markdown(result["summary"])
 
@@ -40,10 +41,13 @@ def test_summary_pairs_each_method_with_random_and_its_token_matched_random():
 
     results = [run("random", 0, 6.4), run("random", 1, 6.5), run("oracle", 0, 6.2, None), run("oracle", 1, 6.3, None),
                run("quad", 0, 6.3, 40_000), run("quad", 1, 6.45, 50_000),
-               run("random@quad", 0, 6.35, 40_000), run("random@quad", 1, 6.4, 50_000)]
+               run("random@quad", 0, 6.35, 40_000), run("gtp", 0, 6.38), run("gtp", 1, 6.42, 60_000),
+               run("random@gtp", 1, 6.44, 60_000)]
     rows = {r["method"]: r for r in summarize(results)}
     assert math.isclose(rows["quad"]["delta_vs_random"], ((6.3 - 6.4) + (6.45 - 6.5)) / 2)
-    assert math.isclose(rows["quad"]["delta_vs_matched"], ((6.3 - 6.35) + (6.45 - 6.4)) / 2)
+    assert math.isclose(rows["quad"]["delta_vs_matched"], ((6.3 - 6.35) + (6.45 - 6.5)) / 2)
+    # gtp filled the budget on seed 0: there the same-token baseline is plain random
+    assert math.isclose(rows["gtp"]["delta_vs_matched"], ((6.38 - 6.4) + (6.42 - 6.44)) / 2)
     assert rows["random"]["delta_vs_matched"] is None
     assert math.isclose(rows["quad"]["share_of_gain"], (6.45 - 6.375) / (6.45 - 6.25))
     assert "| quad | 2 |" in table_markdown(summarize(results))

@@ -73,7 +73,10 @@ def write_results(result: dict, out_dir: str | Path, command: str, name: str = "
     load = result.get("load_avg_end")
     md = [f"# Quality benchmark: do the selections make a better model?", "",
           "Reproduce:", "", "```bash", command, "```", "",
-          f"Ran on {version}, one invocation from an empty cache unless the notes say otherwise. Machine: "
+          f"Ran on {version}; " + (f"{result['runs_from_cache']} of {len(result['runs'])} (method, seed) runs were "
+          "read back from the cache of an earlier invocation (their files record its commit), the wall time is this "
+          "invocation's." if result.get("runs_from_cache") else "one invocation, every run computed in it.")
+          + " Machine: "
           f"shared 2-core CPU; total wall time {result['wall_s'] / 60:.1f} min"
           + (f" (load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f})." if load else "."), "",
           table_markdown(result["summary"]), "",

@@ -235,7 +235,7 @@ def run_one(method: str, seed: int, data: BenchData, models: dict, s: BenchSetti
               "general_loss": eval_loss(model, evals["general"], s.train.seq_len),
               "selected_tokens": selected_tokens, "documents": n_docs, "train_tokens": int(len(stream)),
               "kept_tokens": int(mask.sum()), "select_s": round(select_s, 1), "train_s": round(time.time() - t1, 1),
-              **extra}
+              "commit": code_version()["commit"], **extra}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result, indent=1))
     return result
@@ -264,12 +264,13 @@ def run_bench(s: BenchSettings, ray_started_here: bool = True) -> dict:
     arms = list(s.methods) + (["oracle"] if s.oracle else [])
     if "random" not in arms:
         arms.insert(0, "random")
-    results = []
+    results, cached = [], 0
     for seed in s.seeds:
         for method in arms:
             cache = Path(s.out) / f"results-{keys['runs']}" / f"{method}-s{seed}.json"
             if cache.exists():
                 r = json.loads(cache.read_text())
+                cached += 1
             else:
                 r = run_one(method, seed, data, models, s, tokenizer, evals, cache)
             _log(f"seed {seed} {method:17s} target {r['target_loss']:.4f} general {r['general_loss']:.4f} "
@@ -281,12 +282,13 @@ def run_bench(s: BenchSettings, ray_started_here: bool = True) -> dict:
                 continue
             label = f"random@{r['method']}"
             cache = Path(s.out) / f"results-{keys['runs']}" / f"{label}-s{seed}.json"
+            cached += cache.exists()
             m = json.loads(cache.read_text()) if cache.exists() else run_one(
                 "random", seed, data, models, replace(s, budget_tokens=int(tokens)), tokenizer, evals, cache, label=label)
             _log(f"seed {seed} {label:17s} target {m['target_loss']:.4f} general {m['general_loss']:.4f} "
                  f"({m['documents']} docs, {m['selected_tokens']:,} tokens like {r['method']})")
             results.append(m)
-    return {"settings": _jsonable(asdict(s)), "code": code_version(), "load_avg_end": os.getloadavg(), "data": {"sources": data.sources, "reference_docs": len(data.reference),
+    return {"settings": _jsonable(asdict(s)), "code": code_version(), "runs_from_cache": cached, "load_avg_end": os.getloadavg(), "data": {"sources": data.sources, "reference_docs": len(data.reference),
             "test_docs": len(data.test), "oracle_pool_docs": len(data.oracle), "general_docs": len(data.general),
             "target_eval_tokens": int(len(evals["target"])), "general_eval_tokens": int(len(evals["general"]))},
             "runs": results, "summary": summarize(results), "wall_s": round(time.time() - t_start, 1)}
@@ -328,8 +330,11 @@ def summarize(results: list[dict]) -> list[dict]:
                   for r in rs if r["seed"] in paired and r["seed"] in opaired
                   and paired[r["seed"]] != opaired[r["seed"]]]
         deltas = [r["target_loss"] - paired[r["seed"]] for r in rs if r["seed"] in paired]
-        matched = {r["seed"]: r["target_loss"] for r in by.get(f"random@{m}", [])}
-        mdeltas = [r["target_loss"] - matched[r["seed"]] for r in rs if r["seed"] in matched]
+        # random@m exists only for seeds where m under-filled the budget; on the others m filled it
+        # and plain random is already the same-token baseline
+        matched = {**paired, **{r["seed"]: r["target_loss"] for r in by.get(f"random@{m}", [])}}
+        mdeltas = ([r["target_loss"] - matched[r["seed"]] for r in rs if r["seed"] in matched]
+                   if f"random@{m}" in by else [])
         sel = [r["selected_tokens"] for r in rs if r["selected_tokens"] is not None]
         rows.append({"method": m, "seeds": len(rs), "target_mean": float(t.mean()),
                      "target_std": float(t.std(ddof=1)) if len(t) > 1 else 0.0,
