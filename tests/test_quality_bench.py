@@ -51,3 +51,58 @@ def test_summary_pairs_each_method_with_random_and_its_token_matched_random():
     assert rows["random"]["delta_vs_matched"] is None
     assert math.isclose(rows["quad"]["share_of_gain"], (6.45 - 6.375) / (6.45 - 6.25))
     assert "| quad | 2 |" in table_markdown(summarize(results))
+
+
+def test_variant_table_keeps_the_rows_of_variants_not_rerun(tmp_path):
+    import json
+
+    from bench.quality.variants import VARIANTS, stem_of, table, variant_rows, with_earlier_rows
+
+    def result(quad_targets, tokens=60_000, propagations=None):
+        runs = []
+        for seed, target in enumerate(quad_targets):
+            quad = {"stop_reason": "budget", **({"propagations": propagations} if propagations is not None else {})}
+            runs += [{"method": "random", "seed": seed, "target_loss": 6.4, "general_loss": 6.3},
+                     {"method": "quad", "seed": seed, "target_loss": target, "general_loss": 6.35,
+                      "selected_tokens": tokens, "documents": 10, "selected_sources": {"docstrings": 4},
+                      "quad": quad}]
+        return {"runs": runs}
+
+    (tmp_path / f"{stem_of('clusters-64')}.json").write_text(json.dumps(result([6.2, 6.3])))
+    (tmp_path / f"{stem_of('no-such-variant')}.json").write_text(json.dumps(result([6.0])))
+    ran = {"neighbours-0.4": variant_rows(result([6.35, 6.45], propagations=7))}
+    rows = with_earlier_rows(ran, tmp_path)
+    assert list(rows) == [n for n in VARIANTS if n in ("clusters-64", "neighbours-0.4")]
+    assert abs(rows["clusters-64"]["delta"] - ((6.2 - 6.4) + (6.3 - 6.4)) / 2) < 1e-12
+    assert rows["neighbours-0.4"]["wins"] == 1 and rows["neighbours-0.4"]["docstring_docs"] == 0.4
+    md = table(rows, budget=90_000)
+    assert "| neighbours-0.4 | `--quad-neighbour-radius 0.4` | 2 |" in md and "| 7, 7 |" in md
+    assert "| budget, budget | —, — |" in md  # runs from before the propagation count show a dash
+
+
+def test_training_windows_visit_every_window_once_per_epoch():
+    import numpy as np
+
+    from bench.quality.train import window_starts
+
+    n_tokens, seq_len = 1000, 10
+    starts = window_starts(n_tokens, seq_len, batch_size=4, steps=60, rng=np.random.default_rng(0)).ravel()
+    assert starts.shape == (240,) and starts.min() >= 0 and (starts + seq_len).max() <= n_tokens
+    offset = int(starts[0] % seq_len)
+    per_epoch = (n_tokens - offset - 1) // seq_len
+    first = starts[:per_epoch]
+    assert sorted(first) == [offset + seq_len * i for i in range(per_epoch)]  # each window once
+    # a stream of one window still trains (the window repeats)
+    tiny = window_starts(seq_len + 1, seq_len, batch_size=2, steps=3, rng=np.random.default_rng(0))
+    assert (tiny == 0).all()
+
+
+def test_training_order_depends_only_on_the_selected_set_and_the_seed():
+    from bench.quality.run import canonical_order
+
+    ids = [f"docstrings/{i}" for i in range(50)] + [f"source_files/{i}" for i in range(30)]
+    shuffled = list(reversed(ids))
+    in_order = [ids[i] for i in canonical_order(ids, seed=3)]
+    assert in_order == [shuffled[i] for i in canonical_order(shuffled, seed=3)]
+    assert in_order != [ids[i] for i in canonical_order(ids, seed=4)]
+    assert sorted(in_order) == sorted(ids)

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--train-windows", choices=("epochs", "random"), default="epochs",
+                   help="epochs: every window of the selection once per epoch (default); random: windows at "
+                        "random positions, the first protocol (order-sensitive, see bench/quality/train.py)")
     p.add_argument("--proxy-steps", type=int, default=150)
     p.add_argument("--max-docs-per-source", type=int, default=400)
     p.add_argument("--max-text-dir-docs", type=int, default=300)
@@ -40,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quad-block-size", type=int, default=8)
     p.add_argument("--quad-fill-rejected", action="store_true",
                    help="quad: fill the budget from rejected blocks when every arm is exhausted (not in the paper)")
+    p.add_argument("--quad-neighbour-radius", type=float, default=None,
+                   help="quad: spread rewards to clusters whose centroid cosine distance is below this "
+                        "(default: the job default, 0.2); also widens the clustering stage's neighbour list")
     p.add_argument("--no-oracle", action="store_true")
     p.add_argument("--matched-random", action="store_true",
                    help="also train random@<method> on random documents up to the tokens an under-filling method selected")
@@ -56,10 +62,12 @@ def main(argv: list[str] | None = None) -> int:
                       proxy_steps=args.proxy_steps, clusters=args.clusters, oracle=not args.no_oracle,
                       matched_random=args.matched_random,
                       train=TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                                          lr=args.lr),
+                                          lr=args.lr, windows=args.train_windows),
                       quad={"block_size": args.quad_block_size, "warmup_size": 64, "arms_per_round": 2,
                             "sample_ratio": args.quad_sample_ratio, "tau_top_fraction": args.quad_tau_top_fraction,
-                            **({"fill_rejected": True} if args.quad_fill_rejected else {})})
+                            **({"fill_rejected": True} if args.quad_fill_rejected else {}),
+                            **({"neighbour_radius": args.quad_neighbour_radius}
+                               if args.quad_neighbour_radius is not None else {})})
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray

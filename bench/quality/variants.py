@@ -29,7 +29,16 @@ VARIANTS = {
     "fill-rejected": ["--quad-fill-rejected"],
     "k64+blocks-of-2+fill": ["--clusters", "64", "--quad-block-size", "2", "--quad-sample-ratio", "0.5",
                              "--quad-fill-rejected"],
+    # At k = 16 the nearest centroid pairs sit at cosine distance 0.22-0.62 (seed-0 fit), so the
+    # paper's radius 0.2 links none of them: these two make reward propagation active.
+    "neighbours-0.4": ["--quad-neighbour-radius", "0.4"],
+    "neighbours-0.6": ["--quad-neighbour-radius", "0.6"],
 }
+
+
+def stem_of(name: str) -> str:
+    """Result file stem of a variant (``v_`` + the name with non-alphanumerics as ``_``)."""
+    return "v_" + "".join(c if c.isalnum() else "_" for c in name)
 
 
 def variant_rows(result: dict) -> dict:
@@ -50,14 +59,26 @@ def variant_rows(result: dict) -> dict:
             "selected_tokens": float(np.mean([r["selected_tokens"] for r in quad])),
             "docstring_docs": float(np.mean(doc_share)),
             "rounds": [r.get("quad", {}).get("rounds") for r in quad],
-            "stop": [r.get("quad", {}).get("stop_reason") for r in quad]}
+            "stop": [r.get("quad", {}).get("stop_reason") for r in quad],
+            "propagations": [r.get("quad", {}).get("propagations") for r in quad]}
+
+
+def with_earlier_rows(ran: dict[str, dict], parts: Path) -> dict[str, dict]:
+    """The rows of the variants just run, plus (for the others) the rows of their last run read back
+    from ``parts/<stem>.json``; in ``VARIANTS`` order. Variants with neither are left out."""
+    rows = dict(ran)
+    for name in VARIANTS:
+        kept = parts / f"{stem_of(name)}.json"
+        if name not in rows and kept.exists():
+            rows[name] = variant_rows(json.loads(kept.read_text()))
+    return {name: rows[name] for name in VARIANTS if name in rows}
 
 
 def table(rows: dict[str, dict], budget: int) -> str:
     out = ["| variant | flags | seeds | quad target loss | Δ target vs random (paired) | quad wins | "
            "Δ vs random@same tokens | wins | Δ general vs random | budget filled | docstring share of docs | "
-           "stop reasons |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "stop reasons | reward propagations |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         flags = " ".join(VARIANTS.get(name, [])) or "—"
         out.append(f"| {name} | `{flags}` | {r['seeds']} | {r['target']:.4f} ± {r['target_std']:.4f} | "
@@ -65,7 +86,8 @@ def table(rows: dict[str, dict], budget: int) -> str:
                    f"{r['matched_delta']:+.4f} ± {r['matched_std']:.4f} | {r['matched_wins']}/{r['seeds']} | "
                    f"{r['general_delta']:+.4f} | "
                    f"{r['selected_tokens'] / budget:.0%} | {r['docstring_docs']:.0%} | "
-                   f"{', '.join(str(s) for s in r['stop'])} |")
+                   f"{', '.join(str(s) for s in r['stop'])} | "
+                   f"{', '.join('—' if n is None else str(n) for n in r.get('propagations', []))} |")
     return "\n".join(out)
 
 
@@ -75,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/.cache/quality")
     p.add_argument("--results", default="bench/results")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    p.add_argument("--only", default="", help="comma-separated variant names to run (default: all); the other "
+                   "variants' rows are read back from their result files in quad_variants/, where present")
     args = p.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(VARIANTS)
     unknown = set(names) - set(VARIANTS)
@@ -85,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, budget = {}, None
     t0 = time.time()
     for name in names:
-        stem = "v_" + "".join(c if c.isalnum() else "_" for c in name)
+        stem = stem_of(name)
         cmd = [sys.executable, "-m", "bench.quality", "--methods", "quad", "--no-oracle", "--matched-random",
                "--seeds", str(args.seeds),
                "--out", args.out, "--results", str(parts), "--name", stem,
@@ -95,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads((parts / f"{stem}.json").read_text())
         budget = result["settings"]["budget_tokens"]
         rows[name] = variant_rows(result)
+    rows = with_earlier_rows(rows, parts)
     md = ["# Quad variants vs random (quality bench)", "", "Reproduce:", "", "```bash",
           "python -m bench.quality.variants " + shlex.join(argv if argv is not None else sys.argv[1:]), "```", "",
           f"Each variant is one `python -m bench.quality --methods quad --no-oracle` run (per-variant files in "
-          f"`{parts.name}/`); {time.time() - t0:.0f} s of wall time. Δ = quad − random target loss on the same seed "
+          f"`{parts.name}/`); this invocation ran {', '.join(names)} in {time.time() - t0:.0f} s of wall time "
+          f"(other rows are read back from their result files). Δ = quad − random target loss on the same seed "
           "(same init, same selection seed): negative is better. random@same tokens = random documents up to the "
           "tokens Quad selected on that seed (a prefix of the same random order); where Quad filled >= 98% of the "
           "budget it is the plain random arm.", "", table(rows, budget), ""]
