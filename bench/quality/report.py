@@ -96,7 +96,11 @@ def write_results(result: dict, out_dir: str | Path, command: str, name: str = "
           "non-target real sources.",
           f"* Budget {s['budget_tokens']:,} tokens. Each arm trains a fresh tiny Llama (hidden {s['hidden_size']}, "
           f"{s['num_layers']} layers; init seeded by the training seed) for {s['train']['steps']} steps × "
-          f"{s['train']['batch_size']} × {s['train']['seq_len']} tokens, lr {s['train']['lr']}.",
+          f"{s['train']['batch_size']} × {s['train']['seq_len']} tokens, lr {s['train']['lr']}; "
+          + ("its selection is packed in a canonical (seeded hash) order and read in epochs, every window once "
+             "per epoch (protocol: bench/quality/train.py)." if s["train"].get("windows", "random") == "epochs"
+             else "windows are drawn at random positions of the selection (the first protocol, "
+                  "see bench/results/protocol1/README.md)."),
           notes]
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     return out / f"{name}.md"
