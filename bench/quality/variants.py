@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     md = ["# Quad variants vs random (quality bench)", "", "Reproduce:", "", "```bash",
           "python -m bench.quality.variants " + shlex.join(argv if argv is not None else sys.argv[1:]), "```", "",
           f"Each variant is one `python -m bench.quality --methods quad --no-oracle` run (per-variant files in "
-          f"`{parts.name}/`); this invocation ran {', '.join(names)} in {time.time() - t0:.0f} s of wall time "
-          f"(other rows are read back from their result files). Δ = quad − random target loss on the same seed "
+          f"`{parts.name}/`); this invocation ran {', '.join(names)} in {time.time() - t0:.0f} s of wall time"
+          + (" (the other rows are read back from their result files)" if set(rows) - set(names) else "")
+          + ". Δ = quad − random target loss on the same seed "
           "(same init, same selection seed): negative is better. random@same tokens = random documents up to the "
           "tokens Quad selected on that seed (a prefix of the same random order); where Quad filled >= 98% of the "
           "budget it is the plain random arm.", "", table(rows, budget), ""]
