@@ -44,7 +44,7 @@ def window_starts(n_tokens: int, seq_len: int, batch_size: int, steps: int, rng:
     out: list[np.ndarray] = []
     while sum(len(o) for o in out) < need:
         offset = int(rng.integers(0, seq_len)) if n_tokens - seq_len > seq_len else 0
-        n = (n_tokens - offset - 1) // seq_len  # windows of seq_len tokens (the last token has no target)
+        n = (n_tokens - offset - 1) // seq_len  # whole windows after the offset (one token kept spare)
         if n < 1:
             offset, n = 0, 1
         out.append(offset + seq_len * rng.permutation(n))
