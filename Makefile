@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # torch goes in first and alone (here pip then takes the local CPU wheel), and the rest installs under
 # a constraint that keeps exactly that build: in one combined command, pip's backtracking over
 # s3fs/aiobotocore/datasets re-collected torch==2.13.0 from the index and installed the CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"

@@ -106,3 +106,17 @@ def test_training_order_depends_only_on_the_selected_set_and_the_seed():
     assert in_order == [shuffled[i] for i in canonical_order(shuffled, seed=3)]
     assert in_order != [ids[i] for i in canonical_order(ids, seed=4)]
     assert sorted(in_order) == sorted(ids)
+
+
+def test_variant_rows_trained_with_other_settings_are_not_mixed_in(tmp_path):
+    import json
+
+    from bench.quality.variants import stem_of, with_earlier_rows
+
+    old = {"settings": {"train": {"steps": 100, "windows": "random"}},
+           "runs": [{"method": "random", "seed": 0, "target_loss": 6.4, "general_loss": 6.3},
+                    {"method": "quad", "seed": 0, "target_loss": 6.2, "general_loss": 6.3, "selected_tokens": 1,
+                     "documents": 1, "selected_sources": {}}]}
+    (tmp_path / f"{stem_of('clusters-64')}.json").write_text(json.dumps(old))
+    assert with_earlier_rows({}, tmp_path, train={"steps": 100, "windows": "epochs"}) == {}
+    assert list(with_earlier_rows({}, tmp_path, train=old["settings"]["train"])) == ["clusters-64"]

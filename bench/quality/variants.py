@@ -63,14 +63,21 @@ def variant_rows(result: dict) -> dict:
             "propagations": [r.get("quad", {}).get("propagations") for r in quad]}
 
 
-def with_earlier_rows(ran: dict[str, dict], parts: Path) -> dict[str, dict]:
+def with_earlier_rows(ran: dict[str, dict], parts: Path, train: dict | None = None) -> dict[str, dict]:
     """The rows of the variants just run, plus (for the others) the rows of their last run read back
-    from ``parts/<stem>.json``; in ``VARIANTS`` order. Variants with neither are left out."""
+    from ``parts/<stem>.json``; in ``VARIANTS`` order. Variants with neither are left out, and so is
+    a result file trained with other settings than ``train`` (the runs just made), since its losses
+    would not compare."""
     rows = dict(ran)
     for name in VARIANTS:
         kept = parts / f"{stem_of(name)}.json"
-        if name not in rows and kept.exists():
-            rows[name] = variant_rows(json.loads(kept.read_text()))
+        if name in rows or not kept.exists():
+            continue
+        result = json.loads(kept.read_text())
+        if train is not None and result.get("settings", {}).get("train") != train:
+            print(f"variant {name}: {kept} was trained with other settings; left out of the table (rerun it)")
+            continue
+        rows[name] = variant_rows(result)
     return {name: rows[name] for name in VARIANTS if name in rows}
 
 
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
     parts = Path(args.results) / "quad_variants"
-    rows, budget = {}, None
+    rows, budget, train = {}, None, None
     t0 = time.time()
     for name in names:
         stem = stem_of(name)
@@ -116,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] variant {name}: {shlex.join(cmd)}", flush=True)
         subprocess.run(cmd, check=True)
         result = json.loads((parts / f"{stem}.json").read_text())
-        budget = result["settings"]["budget_tokens"]
+        budget, train = result["settings"]["budget_tokens"], result["settings"]["train"]
         rows[name] = variant_rows(result)
-    rows = with_earlier_rows(rows, parts)
+    rows = with_earlier_rows(rows, parts, train)
     md = ["# Quad variants vs random (quality bench)", "", "Reproduce:", "", "```bash",
           "python -m bench.quality.variants " + shlex.join(argv if argv is not None else sys.argv[1:]), "```", "",
           f"Each variant is one `python -m bench.quality --methods quad --no-oracle` run (per-variant files in "
