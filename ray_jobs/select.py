@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from selector.config import JobConfig, load_config
@@ -221,7 +222,7 @@ def select_gtp(job: Job):
     owners = job.owners()
     futures, keys = [], []
     for i, shard in enumerate(job.shards):  # stage: per-shard trajectory features, resumable
-        part = docs.filter(pa.compute.equal(docs["shard"], shard.relpath))
+        part = docs.filter(pc.equal(docs["shard"], shard.relpath))
         ids = part["doc_id"].to_pylist()
         texts = ray.get(job.readers[owners[ids[0]]].read.remote(ids)) if ids else []
         keys.append(shard_key(shard.relpath))

@@ -28,6 +28,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from selector.errors import ManifestError
@@ -168,7 +169,7 @@ class Manifest:
 
     @property
     def selected_tokens(self) -> int:
-        return int(pa.compute.sum(self.table["n_tokens"]).as_py() or 0)
+        return int(pc.sum(self.table["n_tokens"]).as_py() or 0)
 
     def token_masks(self) -> Iterable[np.ndarray | None]:
         """Unpacked boolean masks (one per row, ``n_tokens`` long), or None where absent."""
