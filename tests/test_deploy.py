@@ -16,13 +16,20 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 CONFIG_MOUNT = "/configs"
 
 
+NOT_MANIFESTS = {"crds", "configs", "helm"}  # folders under deploy/ whose YAML is not a Kubernetes object
+
+
 def documents():
-    """``(file name, document)`` for every YAML document under deploy/ (configs excluded)."""
+    """``(path relative to deploy/, document)`` for every YAML document under deploy/ (configs, the vendored
+    CRDs and Helm values excluded)."""
     out = []
-    for path in sorted(DEPLOY.glob("*.yaml")):
+    for path in sorted(DEPLOY.rglob("*.yaml")):
+        rel = path.relative_to(DEPLOY)
+        if NOT_MANIFESTS & set(rel.parts[:-1]):
+            continue
         for doc in yaml.safe_load_all(path.read_text()):
             if doc is not None:
-                out.append((path.name, doc))
+                out.append((str(rel), doc))
     return out
 
 
@@ -40,14 +47,14 @@ def dig(obj, *keys):
 
 
 def test_every_manifest_parses_with_kind_and_api_version():
-    assert {doc["kind"] for _, doc in DOCS} >= {"RayCluster", "RayJob", "CronJob", "ServiceAccount", "Role",
-                                                 "RoleBinding", "Kustomization"}
+    assert {doc["kind"] for _, doc in DOCS} >= {"RayCluster", "RayJob", "RayCronJob", "CronJob", "ServiceAccount",
+                                                 "Role", "RoleBinding", "Kustomization"}
     for name, doc in DOCS:
         assert doc.get("apiVersion") and doc.get("kind"), name
         if doc["kind"] != "Kustomization":
             meta = doc["metadata"]
             assert meta.get("name") or meta.get("generateName"), f"{name}: {doc['kind']} has no name"
-        if doc["kind"] in ("RayCluster", "RayJob"):
+        if doc["kind"] in ("RayCluster", "RayJob", "RayCronJob"):
             assert doc["apiVersion"] == "ray.io/v1", name
 
 
@@ -58,6 +65,7 @@ def cluster_specs():
     """Every RayCluster spec: the RayCluster's own and each RayJob's inline rayClusterSpec."""
     specs = [(name, doc["spec"]) for name, doc in of_kind("RayCluster")]
     specs += [(name, doc["spec"]["rayClusterSpec"]) for name, doc in of_kind("RayJob") if "rayClusterSpec" in doc["spec"]]
+    specs += [(name, doc["spec"]["jobTemplate"]["rayClusterSpec"]) for name, doc in of_kind("RayCronJob")]
     return specs
 
 
@@ -125,18 +133,24 @@ def config_file(path):
 
 
 def rayjobs():
-    return {name: doc for name, doc in of_kind("RayJob")}
+    """Every RayJob, and every RayCronJob's job template as the RayJob it creates."""
+    jobs = {name: doc for name, doc in of_kind("RayJob")}
+    jobs.update({name: {"kind": "RayJob", "spec": doc["spec"]["jobTemplate"]} for name, doc in of_kind("RayCronJob")})
+    return jobs
 
 
 def test_every_rayjob_runs_on_a_cluster_with_a_valid_config():
+    from selector.refresh import load_refresh_config
+
     for name, job in rayjobs().items():
         spec = job["spec"]
         assert ("rayClusterSpec" in spec) != ("clusterSelector" in spec), f"{name}: exactly one cluster source"
         if "clusterSelector" in spec:
             target = spec["clusterSelector"]["ray.io/cluster"]
             assert target in {doc["metadata"]["name"] for _, doc in of_kind("RayCluster")}, name
-        _, path = parse_entrypoint(spec["entrypoint"])
-        config = load_config(config_file(path))
+        module, path = parse_entrypoint(spec["entrypoint"])
+        # a refresh config may carry a refresh: section (lease, drift, decay) around the job config
+        config = load_refresh_config(config_file(path))[1] if module == "ray_jobs.refresh" else load_config(config_file(path))
         assert config.method == "random"  # until quad lands (the YAML says so)
         assert not _secrets_in(config.model_dump(mode="json")), f"{path} holds a credential"
 
@@ -188,10 +202,79 @@ def test_cron_validator():
     assert not valid_cron("0 2 * * * *") and not valid_cron("@nightly x")
 
 
-def test_cronjob_creates_the_refresh_rayjob_with_the_rights_it_needs():
+def _kustomization(folder=""):
+    return yaml.safe_load((DEPLOY / folder / "kustomization.yaml").read_text())
+
+
+def _generated():
+    """ConfigMap name -> files, over every kustomization under deploy/ (paths relative to deploy/)."""
+    out = {}
+    for path in DEPLOY.rglob("kustomization.yaml"):
+        for g in yaml.safe_load(path.read_text()).get("configMapGenerator", []):
+            out[g["name"]] = [str((path.parent / f).relative_to(DEPLOY)) for f in g["files"]]
+    return out
+
+
+def _crd(plural):
+    return yaml.load((DEPLOY / "crds" / f"ray.io_{plural}.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def _daily(schedule):
+    """A schedule that fires once a day ('M H * * *') -> its period in seconds."""
+    fields = schedule.split()
+    assert valid_cron(schedule) and fields[0].isdigit() and fields[1].isdigit() and fields[2:] == ["*"] * 3, schedule
+    return 86400
+
+
+def test_raycronjob_is_the_nightly_refresh():
+    from selector.refresh import load_refresh_config
+
+    [(name, cron)] = of_kind("RayCronJob")
+    assert name == "nightly/refresh-raycronjob.yaml"
+    crd = _crd("raycronjobs")
+    served = {f"{crd['spec']['group']}/{v['name']}" for v in crd["spec"]["versions"] if v["served"]}
+    assert cron["apiVersion"] in served, (cron["apiVersion"], served)
+    spec = cron["spec"]
+    period = _daily(spec["schedule"])
+    assert spec["timeZone"] == "Etc/UTC" and spec.get("suspend") is False
+    # the job it creates is exactly the refresh RayJob (which a user can also create by hand)
+    [(_, template)] = [(n, d) for n, d in of_kind("RayJob") if n == "refresh-rayjob.yaml"]
+    assert spec["jobTemplate"] == template["spec"]
+    job = spec["jobTemplate"]
+    assert job["shutdownAfterJobFinishes"] is True and "rayClusterSpec" in job
+    # one refresh at a time: a concurrency policy where the CRD offers one, and in any case the deadline
+    # (a run is stopped before the next tick) and the project's lease (a second run exits at once)
+    cron_spec_fields = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    if "concurrencyPolicy" in cron_spec_fields:
+        assert spec.get("concurrencyPolicy") == "Forbid"
+    assert 0 < job["activeDeadlineSeconds"] < period
+    module, path = parse_entrypoint(job["entrypoint"])
+    assert module == "ray_jobs.refresh"
+    settings, _ = load_refresh_config(config_file(path))
+    # a refresh that died leaves a lease that expires long before the next night
+    assert settings.name and settings.lease_ttl_s < period - job["activeDeadlineSeconds"]
+
+
+def test_the_refresh_lease_refuses_a_second_refresh(tmp_path):
+    from selector.lease import Lease, LeaseHeldError
+    from selector.refresh import load_refresh_config
+
+    settings, _ = load_refresh_config(DEPLOY / "configs" / "refresh.yaml")
+    first = Lease(str(tmp_path), settings.name, holder_id="thresher-refresh-aaaaa", ttl_s=settings.lease_ttl_s)
+    with first:
+        second = Lease(str(tmp_path), settings.name, holder_id="thresher-refresh-bbbbb", ttl_s=settings.lease_ttl_s)
+        with pytest.raises(LeaseHeldError, match="thresher-refresh-aaaaa"):
+            second.acquire()
+    with Lease(str(tmp_path), settings.name, holder_id="thresher-refresh-bbbbb", ttl_s=settings.lease_ttl_s):
+        pass  # released: the next night's refresh takes it
+
+
+def test_batch_cronjob_creates_the_refresh_rayjob_with_the_rights_it_needs():
     [(name, cron)] = of_kind("CronJob")
-    assert cron["apiVersion"] == "batch/v1"
-    assert valid_cron(cron["spec"]["schedule"]), cron["spec"]["schedule"]
+    assert name == "nightly-cronjob/refresh-cronjob.yaml" and cron["apiVersion"] == "batch/v1"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    [(_, raycron)] = of_kind("RayCronJob")  # both paths fire at the same time
+    assert (cron["spec"]["schedule"], cron["spec"]["timeZone"]) == (raycron["spec"]["schedule"], raycron["spec"]["timeZone"])
     pod = dig(cron, "spec", "jobTemplate", "spec", "template", "spec")
     assert pod["restartPolicy"] in ("OnFailure", "Never")
     [container] = pod["containers"]
@@ -201,14 +284,13 @@ def test_cronjob_creates_the_refresh_rayjob_with_the_rights_it_needs():
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v["configMap"]["name"] for v in pod["volumes"]}
     [(volume, mount)] = [(v, mounts[v]) for v in volumes if template_path.startswith(mounts[v] + "/")]
-    generated = {g["name"]: g["files"] for g in of_kind("Kustomization")[0][1]["configMapGenerator"]}
-    [template_file] = [f for f in generated[volumes[volume]] if Path(f).name == Path(template_path).name]
+    [template_file] = [f for f in _generated()[volumes[volume]] if Path(f).name == Path(template_path).name]
     [template] = [d for n, d in DOCS if n == template_file]
     assert template["kind"] == "RayJob" and template["metadata"]["generateName"], "each night needs a new name"
     assert "name" not in template["metadata"]
     # its service account may create RayJobs
     account = pod["serviceAccountName"]
-    assert account in {d["metadata"]["name"] for _, d in of_kind("ServiceAccount")}
+    assert account in {d["metadata"]["name"] for n, d in of_kind("ServiceAccount") if n.startswith("nightly-cronjob/")}
     roles = {d["metadata"]["name"]: d for _, d in of_kind("Role")}
     granted = [roles[b["roleRef"]["name"]] for _, b in of_kind("RoleBinding")
                if any(s["kind"] == "ServiceAccount" and s["name"] == account for s in b["subjects"])]
@@ -216,15 +298,37 @@ def test_cronjob_creates_the_refresh_rayjob_with_the_rights_it_needs():
                for role in granted for r in role["rules"])
 
 
-def test_kustomization_references_existing_files():
-    [(_, kust)] = of_kind("Kustomization")
-    for resource in kust["resources"]:
+def test_kustomizations_each_apply_one_schedule():
+    base = _kustomization()
+    for resource in base["resources"]:
         assert (DEPLOY / resource).is_file(), resource
-    assert "refresh-rayjob.yaml" not in kust["resources"], "the template is created by the CronJob, not applied"
-    for gen in kust["configMapGenerator"]:
+    assert "refresh-rayjob.yaml" not in base["resources"], "the refresh template is created, not applied"
+    for gen in base["configMapGenerator"]:
         for f in gen["files"]:
             assert (DEPLOY / f).is_file(), f
+    schedulers = {"RayCronJob", "CronJob"}
 
+    def kinds(folder):
+        kust = _kustomization(folder)
+        out = set()
+        for r in kust["resources"]:
+            if (DEPLOY / folder / r / "kustomization.yaml").is_file():
+                out |= kinds(str(Path(folder, r)))
+            else:
+                out |= {d["kind"] for d in yaml.safe_load_all((DEPLOY / folder / r).read_text()) if d}
+        return out
+
+    assert not kinds("") & schedulers, "deploy/ alone is the cluster without a schedule"
+    assert kinds("nightly") & schedulers == {"RayCronJob"} and "RayCluster" in kinds("nightly")
+    assert kinds("nightly-cronjob") & schedulers == {"CronJob"} and "RayCluster" in kinds("nightly-cronjob")
+    for folder in ("nightly", "nightly-cronjob"):
+        assert _kustomization(folder)["namespace"] == base["namespace"]
+
+
+def test_operator_values_enable_the_raycronjob_gate():
+    values = yaml.safe_load((DEPLOY / "helm" / "kuberay-operator-values.yaml").read_text())
+    gates = {g["name"]: g["enabled"] for g in values["featureGates"]}
+    assert gates["RayCronJob"] is True
 
 # -- credentials ------------------------------------------------------------------------------
 
