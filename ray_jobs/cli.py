@@ -13,37 +13,77 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ray_jobs.errors import enable_debug, quiet_ray_reports
+from ray_jobs.errors import report as report_error
+from selector.errors import ConfigError
+
 app = typer.Typer(help="Thresher: select LLM pretraining data (Quad, GTP, Rho-1) on Ray.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 manifest_app = typer.Typer(help="Inspect selection manifests.", no_args_is_help=True)
 app.add_typer(manifest_app, name="manifest")
 console = Console(stderr=False)
 
+_DEBUG_HELP = "Show the full traceback of an error (also THRESHER_DEBUG=1)."
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(code=2)
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP)):
+    """Thresher: select LLM pretraining data (Quad, GTP, Rho-1) on Ray."""
+    if debug:
+        enable_debug()
+
+
+def _fail(exc: BaseException) -> None:
+    """Report ``exc`` on stderr as one short paragraph (see ray_jobs.errors) and exit 2 (1 if unexpected)."""
+    raise typer.Exit(code=report_error(exc))
 
 
 @app.command()
-def run(config: Path = typer.Argument(..., help="YAML job config (see README, 'Config reference')."),
+def run(configs: list[Path] = typer.Argument(..., metavar="CONFIG",
+                                          help="YAML job config(s) (see README, 'Config reference'); several run "
+                                               "one after another on one Ray session."),
         progress: bool = typer.Option(True, help="Show progress bars."),
-        print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config (secrets redacted) and exit.")):
-    """Run a selection job and print where its committed manifest is."""
+        print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config (secrets redacted) and exit."),
+        keep_going: bool = typer.Option(False, "--keep-going", help="With several configs: after a failed job, run "
+                                        "the next one (exit code: the worst)."),
+        debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP)):
+    """Run selection jobs and print where each committed manifest is."""
+    if debug:
+        enable_debug()
+    quiet_ray_reports()
+    several = len(configs) > 1
+    worst = 0
+    for i, config in enumerate(configs, 1):
+        if several:
+            console.print(f"job {i}/{len(configs)}: {config}", markup=False)
+            print(f"job {i}/{len(configs)}: {config}", file=sys.stderr, flush=True)
+        code = _run_one(config, progress, print_config)
+        if several:
+            console.print(f"job {i}/{len(configs)}: {config}: " + ("ok" if code == 0 else f"failed (exit {code})"),
+                          markup=False)
+        worst = max(worst, code)
+        if code and not keep_going:
+            break
+    if worst:
+        raise typer.Exit(code=worst)
+
+
+def _run_one(config: Path, progress: bool, print_config: bool) -> int:
+    """One job: 0 when its manifest is committed, else the exit code of its reported error."""
     from selector.config import dump_yaml, load_config
-    from selector.errors import ThresherError
 
     try:
         cfg = load_config(config)
         if print_config:
             console.print(dump_yaml(cfg), markup=False)
-            return
+            return 0
         from ray_jobs.select import run as run_job
 
-        uri = run_job(cfg, progress=progress, log=console.print)
-    except ThresherError as exc:
-        _fail(exc)
-    console.print(f"manifest: {uri}")
+        uri = run_job(cfg, progress=progress, log=lambda m: console.print(m, markup=False))
+    except Exception as exc:  # reported as one paragraph on stderr (ray_jobs.errors)
+        return report_error(exc)
+    console.print(f"manifest: {uri}", markup=False)
+    return 0
 
 
 @manifest_app.command("show")
@@ -103,7 +143,7 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="Folder for the demo co
     from selector.report import write_report
 
     if method not in ("quad", "random"):
-        _fail(ValueError(f"--method must be quad or random, not {method!r}"))
+        _fail(ConfigError(f"--method must be quad or random, not {method!r}"))
     started = time.time()
     out = out.resolve()
     console.print(f"[bold]1/4[/] building the demo corpus in {out} (CPython sources, docstrings, pydoc topics "
@@ -168,7 +208,7 @@ def _storage_options(value: Optional[str]) -> Optional[dict]:
     try:
         return json.loads(value) if value else None
     except json.JSONDecodeError as exc:
-        _fail(ValueError(f"--storage-options is not valid JSON: {exc}"))
+        _fail(ConfigError(f"--storage-options is not valid JSON: {exc}"))
 
 
 def _num(value) -> str:
@@ -315,7 +355,14 @@ def report(manifest: str = typer.Argument(..., help="Manifest URI (<root>/manife
 
 
 def main() -> None:
-    app()
+    quiet_ray_reports()
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("interrupted: a rerun of the same config resumes from the work dir", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # anything a command did not report itself: one paragraph, no traceback
+        sys.exit(report_error(exc))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,9 +22,10 @@ import ray
 
 from selector.config import JobConfig, load_config
 from selector.corpus import Corpus, ShardInfo
-from selector.errors import ManifestError
+from selector.errors import ConfigError, ManifestError, ModelLoadError
 from selector.manifest import ManifestWriter, manifest_uri, read_manifest, run_summary, selection_table
 from selector.models import load_tokenizer, tokenizer_fingerprint
+from selector.storage import set_retry_seconds, storage_error
 from selector.workdir import WorkDir
 from workers.runtime import connect
 from workers.shard_reader import index_corpus, random_selection, start_shard_readers
@@ -61,14 +63,22 @@ class Job:
 
 def run(config: JobConfig, progress: bool = True, log=print) -> str:
     """Run the job described by ``config``; returns the committed manifest's URI."""
+    set_retry_seconds(config.storage.retry_seconds)  # before Ray starts: local workers inherit it
     run_id = config.resolved_run_id()
     target = manifest_uri(config.work.root, run_id)
+    started = time.monotonic()
     try:
         existing = read_manifest(target, config.work.storage_options, columns=["doc_id"])
         log(f"run {run_id} already committed its manifest ({len(existing)} documents): {target}")
         return target
     except ManifestError:
         pass  # not committed yet: run (finished stages are skipped)
+    except Exception as exc:  # the first touch of the work root: name it if storage failed
+        error = storage_error(exc, config.work.root, what="work root", setting="work",
+                              storage_options=config.work.storage_options, elapsed=time.monotonic() - started)
+        if error is None:
+            raise
+        raise error from exc
     workdir = WorkDir(config.work.root, run_id, config.work.storage_options)
     return run_pipeline(config, run_id, workdir, progress, log)
 
@@ -81,18 +91,25 @@ def run_pipeline(config: JobConfig, run_id: str, workdir: WorkDir, progress: boo
     (:class:`ray_jobs.refresh.RefreshHooks`): incremental clustering, bandit carry-forward,
     reuse of an unchanged selection and the delta file; None for a plain run.
     """
+    set_retry_seconds(config.storage.retry_seconds)
+    try:  # fail fast on a wrong path, before any Ray work
+        tokenizer = load_tokenizer(config.tokenizer)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"tokenizer: {exc}\n  check: `tokenizer` in the job config names the trainer's "
+                             "tokenizer folder (save_pretrained: tokenizer.json, tokenizer_config.json)") from exc
+    check_model_paths(config)
+    if shards is None:  # also before Ray starts: a wrong URI or an unreachable store fails in seconds
+        shards = Corpus(config.corpus).list_shards()
     connect(config.ray)
-    tokenizer = load_tokenizer(config.tokenizer)  # fail fast on a wrong path, before any Ray work
 
     # 1. index: list shards, validate, count documents and tokens
-    if shards is None:
-        shards = Corpus(config.corpus).list_shards()
     log(f"run {run_id}: {len(shards)} shards under {config.corpus.uri}")
     readers = start_shard_readers(config.corpus, config.tokenizer, workdir, shards,
                                   config.ray.shard_readers, config.ray.reader_num_cpus)
     index_stats = index_corpus(readers, config.stage_hash("corpus", "tokenizer"), progress)
     log(f"indexed {index_stats['documents']:,} documents, {index_stats['tokens']:,} tokens, "
         f"{index_stats['rejected']} rejected ({index_stats['shards_skipped']} shards already indexed)")
+    check_budget(config, index_stats)
     job = Job(config, workdir, shards, readers, config.budget.resolve(index_stats["tokens"]), progress, log,
               hooks=hooks)
 
@@ -128,6 +145,44 @@ def run_pipeline(config: JobConfig, run_id: str, workdir: WorkDir, progress: boo
     if selected < 0.9 * job.budget:
         log(f"warning: the selection fills only {selected / max(job.budget, 1):.0%} of the budget")
     return uri
+
+
+def check_model_paths(config: JobConfig) -> None:
+    """Every local model folder the method will load exists (checked before Ray starts; URIs are
+    checked by the workers that copy them)."""
+    from pathlib import Path
+
+    wanted: list[tuple[str, str]] = []
+    if config.method in ("quad", "topk-influence") and config.proxy_model:
+        wanted.append(("proxy_model", config.proxy_model))
+    if config.method in ("quad", "exploration-only"):
+        from selector.embedding import PACKAGED_MINILM
+
+        if config.embed.model != PACKAGED_MINILM:
+            wanted.append(("embed.model", config.embed.model))
+    if config.rho is not None and (config.method in ("perplexity", "rho") or config.mask_tokens):
+        wanted += [("rho.reference_model", config.rho.reference_model),
+                   ("rho.training_model", config.rho.training_model)]
+    if config.method == "gtp" and config.gtp is not None:
+        wanted += [(f"gtp.checkpoints[{i}]", p) for i, p in enumerate(config.gtp.checkpoints)]
+    for key, path in wanted:
+        if "://" in path and not path.startswith("file://"):
+            continue
+        local = Path(path.removeprefix("file://"))
+        if not (local / "config.json").is_file():
+            state = "does not exist" if not local.exists() else "is not a save_pretrained folder (no config.json)"
+            raise ModelLoadError(f"{key} {path!r} {state}\n"
+                                 f"  check: {key} in the job config names a model folder written by save_pretrained")
+
+
+def check_budget(config: JobConfig, index_stats: dict) -> None:
+    """A token budget the corpus cannot fill is a config error (every method would select everything)."""
+    tokens = index_stats["tokens"]
+    if config.budget.tokens is not None and config.budget.tokens > tokens:
+        raise ConfigError(f"budget.tokens ({config.budget.tokens:,}) is larger than the corpus "
+                          f"{config.corpus.uri} ({tokens:,} tokens in {index_stats['documents']:,} documents, "
+                          f"{index_stats['rejected']} rejected)\n"
+                          "  check: lower budget.tokens, or give budget.fraction (e.g. 0.2) instead")
 
 
 # --------------------------------------------------------------------------- methods
@@ -380,11 +435,21 @@ def rows_from(job: Job, doc_ids: list[str], method: str, **columns: list) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m ray_jobs.select``: errors as ``thresher run`` reports them (ray_jobs.errors), exit 2."""
+    from ray_jobs.errors import enable_debug, quiet_ray_reports, report
+
     parser = argparse.ArgumentParser(prog="python -m ray_jobs.select", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML job config")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks (also THRESHER_DEBUG=1)")
     args = parser.parse_args(argv)
-    uri = run(load_config(args.config), progress=not args.no_progress)
+    if args.debug:
+        enable_debug()
+    quiet_ray_reports()
+    try:
+        uri = run(load_config(args.config), progress=not args.no_progress)
+    except Exception as exc:
+        return report(exc)
     print(f"manifest: {uri}")
     return 0
 

@@ -4,7 +4,7 @@
 * Storage options' secrets (any key containing key/secret/token/password/credential) are
   redacted whenever the config is printed or written (:meth:`JobConfig.redacted`).
 * :meth:`JobConfig.config_hash` ignores secrets and execution-only settings (``ray``,
-  ``run_id``), so rotating a key or resizing the cluster does not invalidate finished work.
+  ``storage``, ``run_id``), so rotating a key or resizing the cluster does not invalidate finished work.
 
 Stage sections (embedding, clustering, influence, ...) are defined next to their algorithm
 and composed here.
@@ -90,6 +90,14 @@ class RayConfig(StrictModel):
     worker_num_cpus: float = Field(0.5, gt=0, description="CPUs per model actor on a CPU-only cluster.")
 
 
+class StorageConfig(StrictModel):
+    """Execution only (not part of the config hash): how long to retry an object store that fails."""
+
+    retry_seconds: float = Field(30.0, ge=0, description="A store that does not answer (refused, unreachable, "
+                                 "timed out) is retried with backoff for at most this long, then the job stops "
+                                 "with an error naming the URI.")
+
+
 class JobConfig(StrictModel):
     """One selection job."""
 
@@ -101,6 +109,7 @@ class JobConfig(StrictModel):
     work: WorkConfig
     budget: BudgetConfig
     ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     proxy_model: str | None = Field(None, description="Causal LM whose gradients define influence (quad, "
                                     "topk-influence): the training checkpoint or a small proxy of it.")
     reference: ReferenceConfig | None = Field(None, description="Reference set for influence (quad, topk-influence).")
@@ -138,7 +147,7 @@ class JobConfig(StrictModel):
 
     # -- identity ------------------------------------------------------------------------
     def hashable(self) -> dict[str, Any]:
-        data = self.model_dump(mode="json", exclude={"ray", "run_id"})
+        data = self.model_dump(mode="json", exclude={"ray", "run_id", "storage"})
         for section, keys in _EXECUTION_ONLY.items():
             for key in keys:
                 data.get(section, {}).pop(key, None)

@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import io
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
@@ -30,6 +31,7 @@ from pydantic import Field, field_validator
 
 from selector.config_base import StrictModel
 from selector.errors import CorpusError
+from selector.storage import storage_error
 from selector.workdir import open_fs
 
 PARQUET_SUFFIXES = (".parquet",)
@@ -138,22 +140,32 @@ def _shard_format(path: str, configured: str) -> str | None:
 class Corpus:
     """Lists and reads the shards of a corpus per :class:`CorpusConfig`."""
 
-    def __init__(self, config: CorpusConfig):
+    def __init__(self, config: CorpusConfig, label: str | None = None):
         self.config = config
+        # the config section errors point at: "corpus", or "reference" for the reference set
+        self.label = label or ("reference" if type(config).__name__ == "ReferenceConfig" else "corpus")
         self.fs, self.root = open_fs(config.uri, config.storage_options)
         self._protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
 
     # -- listing -------------------------------------------------------------------------
     def list_shards(self) -> list[ShardInfo]:
         """Every shard under the prefix, sorted by relative path. Other files are ignored."""
-        if not self.fs.exists(self.root):
-            raise CorpusError(f"corpus {self.config.uri!r} does not exist")
-        if self.fs.isfile(self.root):
-            entries = {self.root: self.fs.info(self.root)}
-            base = self.root.rsplit("/", 1)[0]
-        else:
-            entries = self.fs.find(self.root, detail=True)
-            base = self.root
+        started = time.monotonic()
+        try:
+            if not self.fs.exists(self.root):
+                raise CorpusError(f"{self.label} {self.config.uri!r} does not exist\n"
+                                  f"  check: {self.label}.uri (a folder or prefix holding the shards)")
+            if self.fs.isfile(self.root):
+                entries = {self.root: self.fs.info(self.root)}
+                base = self.root.rsplit("/", 1)[0]
+            else:
+                entries = self.fs.find(self.root, detail=True)
+                base = self.root
+        except CorpusError:
+            raise
+        except Exception as exc:
+            self._raise_if_storage(exc, self.config.uri, self.label, started)
+            raise
         shards = []
         for path, info in sorted(entries.items()):
             fmt = _shard_format(path, self.config.format)
@@ -166,8 +178,17 @@ class Corpus:
             shards.append(ShardInfo(uri=uri, relpath=relpath, size=int(info.get("size") or 0),
                                     version=str(version).strip('"'), format=fmt))
         if not shards:
-            raise CorpusError(f"corpus {self.config.uri!r} holds no .parquet or .jsonl[.gz|.zst] shards")
+            raise CorpusError(f"{self.label} {self.config.uri!r} holds no .parquet or .jsonl[.gz|.zst] shards "
+                              f"({len(entries)} other files)\n"
+                              f"  check: {self.label}.uri, and {self.label}.format if the shards have other suffixes")
         return shards
+
+    def _raise_if_storage(self, exc: BaseException, uri: str, what: str, started: float | None = None) -> None:
+        """Raise a :class:`StorageError` naming ``uri`` if ``exc`` is an object-store failure."""
+        error = storage_error(exc, uri, what=what, setting=self.label, storage_options=self.config.storage_options,
+                              elapsed=None if started is None else time.monotonic() - started)
+        if error is not None:
+            raise error from exc
 
     # -- reading -------------------------------------------------------------------------
     def iter_batches(self, shard: ShardInfo, rejects: RejectSink | None = None,
@@ -184,13 +205,15 @@ class Corpus:
         def bad(row: int | None, fld: str | None, reason: str) -> None:
             record = BadRecord(shard.relpath, row, fld, reason)
             if not quarantine:
-                raise CorpusError(record.message())
+                raise CorpusError(f"{record.message()}\n  check: {self._hint(record)}")
             rejects.add(record)
 
         reader = self._parquet_records if shard.format == "parquet" else self._jsonl_records
         batch = DocumentBatch(shard.relpath)
+        records = 0
         try:
             for row, raw_text, raw_id, error in reader(shard):
+                records += 1
                 if error is not None:
                     bad(row, *error)
                     continue
@@ -207,8 +230,22 @@ class Corpus:
                     batch = DocumentBatch(shard.relpath)
         except _ShardUnreadable as exc:
             bad(exc.row, exc.field, exc.reason)
+        else:
+            if records == 0:
+                bad(None, None, f"the shard holds no records ({shard.size} bytes): an interrupted write?")
         if len(batch):
             yield batch
+
+    def _hint(self, record: BadRecord) -> str:
+        """What to check for a bad record (the second line of its error)."""
+        skip = f"or set {self.label}.on_bad_record: quarantine to skip and count such records"
+        if "max_doc_chars" in record.reason:
+            return f"raise {self.label}.max_doc_chars, {skip}"
+        if "min_doc_chars" in record.reason or "text is empty" in record.reason:
+            return f"lower {self.label}.min_doc_chars, {skip}"
+        if record.reason.startswith(("missing column", "missing field")):
+            return f"{self.label}.text_column / id_column (the shard's columns are listed above), {skip}"
+        return f"the shard's content under {self.config.uri}, {skip}"
 
     def read_rows(self, shard: ShardInfo, rows: list[int]) -> DocumentBatch:
         """The documents at ``rows`` of ``shard`` (in the order given)."""
@@ -256,10 +293,12 @@ class Corpus:
     # Each record reader yields (row, text, id, error) where error is (field, reason) or None.
     def _parquet_records(self, shard: ShardInfo):
         text_col, id_col = self.config.text_column, self.config.id_column
+        started = time.monotonic()
         try:
             handle = self.fs.open(shard.uri if self._protocol in ("file", "local") else shard.uri, "rb")
             parquet = pq.ParquetFile(handle)
         except Exception as exc:  # pyarrow raises several types for a corrupt footer
+            self._raise_if_storage(exc, shard.uri, "shard", started)
             raise _ShardUnreadable(None, None, f"cannot read Parquet: {exc}") from exc
         with handle:
             names = parquet.schema_arrow.names
@@ -276,6 +315,7 @@ class Corpus:
                         yield row, text, doc_id, None
                         row += 1
             except (OSError, pa.ArrowException) as exc:
+                self._raise_if_storage(exc, shard.uri, "shard")
                 raise _ShardUnreadable(row, None, f"corrupt Parquet data after row {row}: {exc}") from exc
 
     def _jsonl_records(self, shard: ShardInfo):
@@ -310,8 +350,10 @@ class Corpus:
                         yield row, record[text_col], record.get(id_col) if id_col else None, None
                     row += 1
         except (OSError, EOFError, ValueError) as exc:
+            self._raise_if_storage(exc, shard.uri, "shard")
             raise _ShardUnreadable(row, None, f"corrupt or truncated file after row {row}: {exc}") from exc
         except Exception as exc:  # zstandard raises its own ZstdError
+            self._raise_if_storage(exc, shard.uri, "shard")
             if type(exc).__name__ == "ZstdError":
                 raise _ShardUnreadable(row, None, f"corrupt zstd stream after row {row}: {exc}") from exc
             raise

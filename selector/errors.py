@@ -25,3 +25,9 @@ class ModelLoadError(ThresherError):
 
 class StageError(ThresherError):
     """A pipeline stage received input it cannot process (empty sets, NaNs, ...)."""
+
+
+class StorageError(ThresherError):
+    """Object storage cannot be reached, denies access, or lacks the bucket; the message names the URI."""
+
+    kind: str = "storage"

@@ -42,8 +42,11 @@ def shard_key(relpath: str) -> str:
 
 
 def open_fs(uri: str, storage_options: dict | None = None):
-    """``(filesystem, path)`` for a URI; plain paths are local files."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    """``(filesystem, path)`` for a URI; plain paths are local files. Object stores get the
+    retry policy of :mod:`selector.storage` (bounded by ``storage.retry_seconds``)."""
+    from selector.storage import open_filesystem
+
+    fs, path = open_filesystem(uri, storage_options)
     return fs, path.rstrip("/") if path not in ("/", "") else path
 
 

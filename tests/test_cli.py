@@ -35,7 +35,7 @@ def test_run_reports_config_errors_without_a_traceback(tmp_path):
                                     "work": {"root": "/w"}, "budget": {"tokens": 1}}))
     result = thresher("run", str(path))
     assert result.returncode == 2
-    assert "corpus.txt: unknown key" in result.stdout
+    assert "corpus.txt: unknown key" in result.stderr  # errors go to stderr
     assert "Traceback" not in result.stdout + result.stderr
 
 
@@ -60,7 +60,7 @@ def test_demo_then_manifest_show(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "method quad" in shown.stdout and "selected" in shown.stdout
     missing = thresher("manifest", "show", str(tmp_path / "nothing"))
-    assert missing.returncode == 2 and "no manifest at" in missing.stdout
+    assert missing.returncode == 2 and "no manifest at" in missing.stderr
     assert "report:" in out and Path(out.split("report: ", 1)[1].split()[0]).read_text().count("<img") == 5
     # the selection, materialized for a trainer: input_ids + loss mask, readable with pyarrow
     import pyarrow.dataset as ds
@@ -71,7 +71,7 @@ def test_demo_then_manifest_show(tmp_path):
     assert sorted(table["doc_id"].to_pylist()) == sorted(read_manifest(uri).table["doc_id"].to_pylist())
     assert table["input_ids"].type.value_type.bit_width == 32
     again = thresher("materialize", uri, str(tmp_path / "train"), "--no-progress")
-    assert again.returncode == 2 and "already holds a materialized selection" in again.stdout
+    assert again.returncode == 2 and "already holds a materialized selection" in again.stderr
 
 
 def test_runs_list_and_show(tmp_path):
@@ -85,4 +85,4 @@ def test_runs_list_and_show(tmp_path):
     shown = thresher("runs", "show", str(tmp_path), "random-aaa")
     assert shown.returncode == 0 and "selected 1 documents" in shown.stdout
     missing = thresher("runs", "show", str(tmp_path), "nope")
-    assert missing.returncode == 2 and "no run 'nope'" in missing.stdout
+    assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
