@@ -6,6 +6,8 @@ Used by the demo, the tests and the quality benchmark, so nothing is downloaded:
 * ``docstrings``    - long docstrings of stdlib modules, classes and functions (parsed with
                       ``ast``, never imported, so no module side effects);
 * ``source_files``  - stdlib ``.py`` files, split into module-sized chunks;
+* ``man_pages``     - rendered manual pages (system calls, library functions, file formats,
+                      overviews, admin commands: sections 2, 3, 5, 7, 8), where ``man`` is installed;
 * ``synthetic_low_quality`` - boilerplate, shuffled words and repeated spam, the kinds of
                       documents a selector should learn to avoid.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +107,44 @@ def source_files(max_chars: int = 6000, min_chars: int = 300) -> Iterator[TextDo
         body = "\n\n".join(chunk).strip()
         if len(body) >= min_chars:
             yield TextDoc("source_files", f"{rel}#{part}", body)
+
+
+MAN_SECTIONS = ("man2", "man3", "man5", "man7", "man8")
+
+
+def man_pages(max_docs: int | None = None, min_chars: int = 400, seed: int = 0,
+              root: str = "/usr/share/man", sections: tuple[str, ...] = MAN_SECTIONS) -> Iterator[TextDoc]:
+    """English manual pages rendered to plain text (``man -l -P cat``, overstrikes removed).
+
+    Section 1 is left out: on these machines it is dominated by templated cloud-CLI pages. Pages
+    are taken in a seeded shuffle of their sorted paths (``max_docs`` caps the rendering cost);
+    ``.so`` redirect stubs and pages that fail to render are skipped. Yields nothing where ``man``
+    is not installed.
+    """
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("man") is None:
+        return
+    paths = sorted(str(p) for sec in sections for p in (Path(root) / sec).glob("*") if p.is_file())
+    random.Random(seed).shuffle(paths)
+    env = {**os.environ, "MANWIDTH": "80", "MAN_KEEP_FORMATTING": "0", "LC_ALL": "C.UTF-8"}
+    n = 0
+    for path in paths:
+        if max_docs is not None and n >= max_docs:
+            return
+        try:
+            out = subprocess.run(["man", "-l", "-P", "cat", path], capture_output=True, env=env, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        # col -b semantics: drop backspace overstrikes (bold "X\bX", underline "_\bX")
+        text = re.sub(".\b", "", out.decode("utf-8", errors="replace")).strip()
+        if len(text) < min_chars or "\ufffd" in text:
+            continue
+        name = os.path.relpath(path, root)
+        n += 1
+        yield TextDoc("man_pages", name, text)
 
 
 _BOILERPLATE = [

@@ -53,6 +53,29 @@ def test_parallel_fit_and_scoring_match_single_process(ray_local, tmp_path, tiny
         ray_local.kill(w)
 
 
+def test_normalise_makes_the_cosine_variant_the_score_selectors_rank_by(ray_local, tmp_path, tiny_llama_dir, texts):
+    """influence.normalise: true reaches the selectors: score_parallel returns the cosine variant
+    (what score_documents computes with normalise), not the raw influence."""
+    from workers.influence import fit_factors_parallel, make_workers, score_parallel
+
+    cfg = InfluenceConfig(chunk_tokens=CHUNK, max_chunks_per_doc=2, batch_size=4, normalise=True)
+    workers = make_workers(1, str(tiny_llama_dir), cfg, num_cpus=0.5)
+    fit, ref, docs = texts[:6], texts[6:10], texts[10:18]
+    factors_uri = str(tmp_path / "kfac.safetensors")
+    query_uri = str(tmp_path / "query.safetensors")
+    single = fit_factors_parallel(workers, fit, cfg, factors_uri=factors_uri)
+    ray_local.get(workers[0].load_state.remote(factors_uri))
+    ray_local.get(workers[0].compute_query.remote(ref, query_uri))
+    ids = [f"doc-{i}" for i in range(len(docs))]
+    got = score_parallel(workers, ids, docs, batch_docs=4)
+    model, tok = load(tiny_llama_dir)
+    blocks = discover_blocks(model)
+    want = score_documents(model, tok, docs, compute_query(model, tok, ref, single, blocks, cfg), blocks, cfg)
+    np.testing.assert_allclose(got, want.cosine, rtol=1e-3)
+    assert np.abs(got).max() <= 1.0 + 1e-6 and not np.allclose(got, want.score)
+    ray_local.kill(workers[0])
+
+
 def test_worker_reports_bad_model_path(ray_local, tmp_path):
     from workers.influence import InfluenceWorker
 

@@ -53,7 +53,8 @@ def _run(q: QuadSelector, score, stop_after: int | None = None) -> QuadSelector:
 
 def test_round_plan_takes_the_next_block_of_each_top_arm_in_hash_order():
     ids, clusters, tokens = _corpus([10, 25, 7])
-    cfg = QuadConfig(arms_per_round=2, block_size=8, sample_ratio=0.25, tau=0.0, reward_scale=1.0, warmup_size=0)
+    cfg = QuadConfig(accept="block", arms_per_round=2, block_size=8, sample_ratio=0.25, tau=0.0, reward_scale=1.0,
+                     warmup_size=0)
     q = QuadSelector(cfg, ids, clusters, tokens, budget_tokens=10**9, seed=3)
     plan = q.plan_round()
     assert plan.kind == "bandit" and plan.round == 1 and len(plan.items) == 2
@@ -78,8 +79,8 @@ def test_sample_sizes_follow_gamma_with_a_minimum():
     assert sample_size(10, 0.05, 3) == 3
     assert sample_size(2, 0.5, 5) == 2  # never more than the block
     ids, clusters, tokens = _corpus([50, 37, 81, 5], seed=1)
-    cfg = QuadConfig(arms_per_round=3, block_size=20, sample_ratio=0.1, min_sample=1, tau=-1.0, reward_scale=1.0,
-                     warmup_size=0)
+    cfg = QuadConfig(accept="block", arms_per_round=3, block_size=20, sample_ratio=0.1, min_sample=1, tau=-1.0,
+                     reward_scale=1.0, warmup_size=0)
     q = QuadSelector(cfg, ids, clusters, tokens, budget_tokens=10**9, seed=0)
     seen = 0
     while (plan := q.plan_round()) is not None:
@@ -104,28 +105,40 @@ def test_auto_tau_is_the_top_20_percent_boundary():
         auto_tau([1.0, float("nan")])
 
 
-def test_warmup_calibrates_tau_and_scale_from_a_uniform_sample():
+def test_warmup_is_the_front_of_every_queue_calibrates_and_its_scores_count():
     ids, clusters, tokens = _corpus([100, 200, 300], seed=2)
-    cfg = QuadConfig(warmup_size=120)
-    q = QuadSelector(cfg, ids, clusters, tokens, budget_tokens=5000, seed=4)
+    cfg = QuadConfig(warmup_size=120, tau_slack=2.0)
+    budget = int(tokens.sum() * 0.1)
+    q = QuadSelector(cfg, ids, clusters, tokens, budget_tokens=budget, seed=4)
     plan = q.plan_round()
-    assert plan.kind == "warmup" and plan.round == 0 and all(it.block == [] for it in plan.items)
+    assert plan.kind == "warmup" and plan.round == 0
     sampled = [d for it in plan.items for d in it.sample]
     keys = dict(zip(ids, hash_keys(ids, 4)))
     assert sorted(sampled, key=keys.get) == sorted(ids, key=keys.get)[:120]  # the 120 smallest keys
+    for it in plan.items:  # ... which are the front of each cluster's queue
+        assert it.sample == q.queues.doc_ids[q.queues.slice(it.cluster, 0, len(it.sample))].tolist()
     score = _influence([0.0, 0.5, 1.0])
     record = q.apply_round([[score(it.cluster, d) for d in it.sample] for it in plan.items])
     warm = np.array([score(it.cluster, d) for it in plan.items for d in it.sample])
-    assert q.tau == auto_tau(warm, 0.2) == record["tau"]
-    q75, q25 = np.percentile(warm, [75, 25])
-    assert q.scale == pytest.approx((q75 - q25) / 1.349)
-    assert q.bandit.total_pulls == 0  # warm-up updates no arm
-    assert q.plan_round().kind == "bandit"
+    warm_tokens = np.array([dict(zip(ids, tokens.tolist()))[d] for it in plan.items for d in it.sample])
+    # tau_doc: a share min(1, slack x budget share) = 0.2 of the warm-up tokens lies above it
+    assert record["pass_rate"] == pytest.approx(2.0 * q.budget_share)
+    assert warm_tokens[warm > q.tau].sum() / warm_tokens.sum() == pytest.approx(record["pass_rate"], abs=0.03)
+    assert record["tau_doc"] == q.tau
+    # every warm-up score counts: each cluster's arm got one pull, the cursors moved past the warm-up,
+    # and the warm-up documents above tau are kept with their own scores
+    assert q.bandit.total_pulls == len(plan.items)
+    for it in plan.items:
+        assert q.cursor[q.queues.index(it.cluster)] == len(it.sample)
+    kept = set(q.selection()["doc_id"])
+    assert kept == {d for it in plan.items for d in it.sample if score(it.cluster, d) > q.tau}
+    nxt = q.plan_round()
+    assert nxt.kind == "bandit" and all(it.start == q.cursor[q.queues.index(it.cluster)] for it in nxt.items)
 
 
 def test_budget_stop_trims_the_last_block_at_the_next_document_that_would_not_fit():
     ids, clusters, tokens = _corpus([40, 40, 40], seed=5)
-    cfg = QuadConfig(arms_per_round=2, block_size=10, tau=-1.0, reward_scale=1.0, warmup_size=0)
+    cfg = QuadConfig(accept="block", arms_per_round=2, block_size=10, tau=-1.0, reward_scale=1.0, warmup_size=0)
     budget = int(tokens.sum() * 0.3) + 7
     q = _run(QuadSelector(cfg, ids, clusters, tokens, budget_tokens=budget, seed=0), lambda c, d: 0.0)
     assert q.stop_reason == "budget" and q.plan_round() is None
@@ -145,7 +158,7 @@ def test_budget_stop_trims_the_last_block_at_the_next_document_that_would_not_fi
 
 def test_rejected_blocks_are_consumed_and_exhausted_arms_leave():
     ids, clusters, tokens = _corpus([30, 12, 25], seed=6)
-    cfg = QuadConfig(arms_per_round=2, block_size=8, tau=0.0, reward_scale=1.0, warmup_size=0)
+    cfg = QuadConfig(accept="block", arms_per_round=2, block_size=8, tau=0.0, reward_scale=1.0, warmup_size=0)
     # cluster 1 scores above tau, the others below: only cluster 1's blocks are kept
     q = _run(QuadSelector(cfg, ids, clusters, tokens, budget_tokens=10**9, seed=1),
              lambda c, d: 1.0 if c == 1 else -1.0)
@@ -162,7 +175,7 @@ def test_rejected_blocks_are_consumed_and_exhausted_arms_leave():
 
 def test_fill_rejected_tops_up_an_underfilled_budget_with_the_best_rejected_blocks():
     ids, clusters, tokens = _corpus([30, 12, 25], seed=6)
-    cfg = QuadConfig(arms_per_round=2, block_size=8, tau=0.0, reward_scale=1.0, warmup_size=0)
+    cfg = QuadConfig(accept="block", arms_per_round=2, block_size=8, tau=0.0, reward_scale=1.0, warmup_size=0)
     budget = int(tokens.sum() * 0.6)
     score = lambda c, d: {0: -1.0, 1: 1.0, 2: -0.5}[c] + 0.01 * _noise(d)  # noqa: E731
     plain = _run(QuadSelector(cfg, ids, clusters, tokens, budget, seed=1), score)
@@ -201,8 +214,11 @@ def test_max_rounds_and_input_validation():
 
 
 def _experiment_config(**kw):
-    return QuadConfig(arms_per_round=4, block_size=16, sample_ratio=0.25, warmup_size=200, alpha=1.0,
-                      neighbour_radius=0.2, propagate=True, **kw)
+    return QuadConfig(**{"arms_per_round": 4, "block_size": 16, "sample_ratio": 0.25, "warmup_size": 200,
+                         "alpha": 0.5, "neighbour_radius": 0.2, "propagate": True, **kw})
+
+
+ACCEPT_RULES = ("block", "documents", "two_stage")
 
 
 def _neighbours(n_clusters):
@@ -210,15 +226,17 @@ def _neighbours(n_clusters):
     return [(a, a + 1, 0.1) for a in range(n_clusters - 1)]
 
 
-def test_resume_from_to_dict_equals_the_uninterrupted_run():
+@pytest.mark.parametrize("accept", ACCEPT_RULES)
+def test_resume_from_to_dict_equals_the_uninterrupted_run(accept):
     ids, clusters, tokens = _corpus([60] * 12, seed=8)
     means = np.linspace(-1.5, 1.5, 12)
     score = _influence(means)
     args = (ids, clusters, tokens, int(tokens.sum() * 0.25), _neighbours(12), 21)
-    whole = _run(QuadSelector(_experiment_config(), *args), score)
+    cfg = _experiment_config(accept=accept, warmup_size=60, block_size=8, arms_per_round=2)
+    whole = _run(QuadSelector(cfg, *args), score)
     assert whole.summary()["rounds"] > 6
 
-    head = _run(QuadSelector(_experiment_config(), *args), score, stop_after=6)
+    head = _run(QuadSelector(cfg, *args), score, stop_after=6)
     state = json.loads(json.dumps(head.to_dict(history_since=3)))
     assert len(state["history"]) == len(head.history) - 3
     resumed = QuadSelector.from_dict(state, ids, clusters, tokens, _neighbours(12),
@@ -240,24 +258,29 @@ def test_resume_from_to_dict_equals_the_uninterrupted_run():
         QuadSelector.from_dict(state, ids, clusters, tokens, _neighbours(12), head.history[:2])
 
 
-def test_selection_does_not_depend_on_the_influence_scale():
+@pytest.mark.parametrize("accept,reward", [("documents", "pass_fraction"), ("block", "clipped"),
+                                           ("two_stage", "pass_fraction")])
+def test_selection_does_not_depend_on_the_influence_scale(accept, reward):
     ids, clusters, tokens = _corpus([60] * 12, seed=10)
     means = np.linspace(-1.5, 1.5, 12)
     args = (ids, clusters, tokens, int(tokens.sum() * 0.25), _neighbours(12), 2)
-    small = _run(QuadSelector(_experiment_config(), *args), _influence(means, scale=1e-3))
-    big = _run(QuadSelector(_experiment_config(), *args), _influence(means, scale=1.0))
+    cfg = _experiment_config(accept=accept, reward=reward)
+    small = _run(QuadSelector(cfg, *args), _influence(means, scale=1e-3))
+    big = _run(QuadSelector(cfg, *args), _influence(means, scale=1.0))
     assert big.tau == pytest.approx(small.tau * 1000) and big.scale == pytest.approx(small.scale * 1000)
     assert big.selection()["doc_id"] == small.selection()["doc_id"]
     assert [h.get("arms") for h in big.history] == [h.get("arms") for h in small.history]
 
 
-def test_bandit_selects_more_from_good_clusters_than_random():
+@pytest.mark.parametrize("accept", ACCEPT_RULES)
+def test_bandit_selects_more_from_good_clusters_than_random(accept):
     n_clusters = 20
     ids, clusters, tokens = _corpus([150] * n_clusters, seed=9)
     means = np.random.default_rng(1).permutation(np.linspace(-2.0, 2.0, n_clusters))
     score = _influence(means)
     budget = int(tokens.sum() * 0.1)
-    q = _run(QuadSelector(_experiment_config(), ids, clusters, tokens, budget, _neighbours(n_clusters), seed=0), score)
+    q = _run(QuadSelector(_experiment_config(accept=accept), ids, clusters, tokens, budget, _neighbours(n_clusters),
+                          seed=0), score)
     assert q.stop_reason == "budget"
     quad = q.selection()
 
@@ -279,7 +302,7 @@ def test_bandit_selects_more_from_good_clusters_than_random():
     assert mean_true_influence(quad["cluster"], quad["n_tokens"]) > \
         mean_true_influence(rnd["cluster"].to_pylist(), rnd["n_tokens"].to_pylist()) + 0.3
     # it scored only a small part of the corpus to get there
-    assert q.summary()["scored_documents"] < 0.2 * len(ids)
+    assert q.summary()["scored_documents"] < (0.2 if accept == "block" else 0.3) * len(ids)
 
 
 def test_inputs_load_from_the_cluster_stage_outputs(tmp_path):
@@ -295,3 +318,131 @@ def test_inputs_load_from_the_cluster_stage_outputs(tmp_path):
     q = QuadSelector(cfg, docs["doc_id"], docs["cluster"], docs["n_tokens"], 10**9, neighbours)
     q.apply_round([[1.0] * len(it.sample) for it in q.plan_round().items])
     assert sum(q.history[-1]["propagated_to"]) > 0  # the stage's neighbour pairs reach the bandit
+
+
+# -- calibration, accept rules and rewards -------------------------------------------------
+
+@pytest.mark.parametrize("dist", ["normal", "heavy_tailed", "bimodal"])
+@pytest.mark.parametrize("aim", [0.05, 0.2, 0.5])
+def test_token_tau_passes_the_aimed_share_of_tokens(dist, aim):
+    rng = np.random.default_rng(3)
+    n = 2000
+    x = {"normal": rng.normal(size=n), "heavy_tailed": rng.standard_t(1.5, size=n),
+         "bimodal": np.concatenate([rng.normal(-2, 0.3, n // 2), rng.normal(1, 1, n - n // 2)])}[dist] * 1e-3
+    tokens = rng.integers(20, 2000, n)
+    from selector.quad import token_tau
+
+    tau = token_tau(x, tokens, aim)
+    share = tokens[x > tau].sum() / tokens.sum()
+    assert abs(share - aim) <= 0.2 * aim  # the issue's bar: within +-20% of the aim
+    assert token_tau(x, tokens, 1.0) < x.min()  # pass rate 1 keeps everything
+
+
+@pytest.mark.parametrize("dist", ["normal", "heavy_tailed"])
+def test_block_threshold_passes_the_aimed_share_of_block_samples(dist):
+    """tau_block is calibrated on sample means: on fresh blocks of the same clusters, the share whose
+    sample mean clears it is the aimed pass rate (+-20%), unlike the single-document quantile."""
+    from selector.quad import bootstrap_sample_means, calibrate
+
+    rng = np.random.default_rng(5)
+    n_clusters, per = 40, 400
+    centres = rng.normal(size=n_clusters)
+    noise = (lambda size: rng.normal(size=size)) if dist == "normal" else (lambda size: rng.standard_t(2.0, size=size))
+    pop = centres[:, None] + 2.0 * noise((n_clusters, per))
+    warm_c = np.repeat(np.arange(n_clusters), 25)
+    warm = np.concatenate([pop[c, :25] for c in range(n_clusters)])
+    cfg = QuadConfig(accept="block", block_size=16, sample_ratio=0.25, tau="quantile", tau_top_fraction=0.2)
+    t = calibrate(cfg, warm, np.full(warm.size, 100), warm_c, budget_share=0.1, seed=0)
+    # fresh blocks: 4 documents each from the unseen part of a random cluster
+    means = np.array([pop[c, 25 + rng.choice(per - 25, 4, replace=False)].mean()
+                      for c in rng.integers(0, n_clusters, 4000)])
+    assert abs((means > t.block).mean() - 0.2) <= 0.04
+    # the single-document quantile that the paper's code compares with a mean passes a different share
+    single = auto_tau(warm, 0.2)
+    assert abs((means > single).mean() - 0.2) > abs((means > t.block).mean() - 0.2)
+    assert bootstrap_sample_means(warm, warm_c, 4, seed=0).tolist() == bootstrap_sample_means(warm, warm_c, 4, 0).tolist()
+
+
+def test_auto_tau_fills_the_budget_from_the_aimed_share_of_what_it_scores():
+    """tau: auto aims at slack x budget share: under uniform (alpha-only) pulls, Quad fills the budget
+    after scoring about 1/slack of the corpus."""
+    ids, clusters, tokens = _corpus([100] * 30, seed=12)
+    score = _influence(np.zeros(30))  # no cluster is better: yield is the calibrated pass rate everywhere
+    budget = int(tokens.sum() * 0.1)
+    for slack in (2.0, 4.0):
+        q = _run(QuadSelector(_experiment_config(accept="documents", tau_slack=slack, warmup_size=300),
+                              ids, clusters, tokens, budget, seed=1), score)
+        assert q.stop_reason == "budget"
+        assert abs(q.summary()["scored_fraction"] - 1 / slack) < 0.35 / slack
+
+
+def test_documents_rule_keeps_each_scored_document_above_tau_with_its_own_score():
+    ids, clusters, tokens = _corpus([24, 24], seed=13)
+    cfg = QuadConfig(accept="documents", arms_per_round=2, block_size=8, tau=0.0, warmup_size=0)
+    score = lambda c, d: _noise(d)  # noqa: E731
+    q = _run(QuadSelector(cfg, ids, clusters, tokens, budget_tokens=10**9, seed=0), score)
+    sel = q.selection()
+    assert sorted(sel["doc_id"]) == sorted(d for d in ids if _noise(d) > 0)
+    assert sel["score"] == [_noise(d) for d in sel["doc_id"]]
+    assert q.summary()["scored_documents"] == len(ids)
+
+
+def test_two_stage_expands_passing_blocks_and_filters_them_per_document():
+    ids, clusters, tokens = _corpus([16, 16], seed=14)
+    # cluster 0 passes the gate (mean 1), cluster 1 does not (mean -1); documents vary around it
+    score = lambda c, d: (1.0 if c == 0 else -1.0) + 0.8 * _noise(d)  # noqa: E731
+    cfg = QuadConfig(accept="two_stage", arms_per_round=2, block_size=8, sample_ratio=0.25, tau=0.5,
+                     warmup_size=0)
+    q = QuadSelector(cfg, ids, clusters, tokens, budget_tokens=10**9, seed=0)
+    plan = q.plan_round()
+    assert plan.kind == "bandit" and all(len(it.sample) == 2 for it in plan.items)
+    q.apply_round([[score(it.cluster, d) for d in it.sample] for it in plan.items])
+    passed = [it for it in plan.items if np.mean([score(it.cluster, d) for d in it.sample]) > 0.5]
+    expand = q.plan_round()
+    assert expand.kind == "expand" and [it.cluster for it in expand.items] == [it.cluster for it in passed]
+    for it, first in zip(expand.items, passed):
+        assert set(it.sample) == set(first.block) - set(first.sample)  # the rest of the block, not re-scored
+    q.apply_round([[score(it.cluster, d) for d in it.sample] for it in expand.items])
+    _run(q, score)
+    sel = q.selection()
+    scored = {d for h in [q] for d in sel["doc_id"]}
+    assert all(score(c, d) > 0.5 for c, d in zip(sel["cluster"], sel["doc_id"]))
+    assert scored  # something passed
+    assert q.summary()["scored_documents"] < len(ids)  # failing blocks were not scored in full
+
+
+@pytest.mark.parametrize("reward", ["pass_fraction", "clipped"])
+def test_rewards_are_bounded_so_one_outlier_cannot_lock_an_arm(reward):
+    ids, clusters, tokens = _corpus([64] * 4, seed=15)
+    cfg = QuadConfig(accept="documents", arms_per_round=1, block_size=8, tau=0.0, reward=reward, reward_scale=1.0,
+                     reward_clip=3.0, warmup_size=0, alpha=0.5)
+    outlier = {c: ids[[i for i in range(len(ids)) if clusters[i] == c][0]] for c in range(4)}
+    score = lambda c, d: 1e6 if d == outlier[0] else (0.5 if c == 1 else -0.5)  # noqa: E731
+    q = _run(QuadSelector(cfg, ids, clusters, tokens, budget_tokens=10**9, seed=0), score)
+    rewards = [r for h in q.history if h.get("kind") == "bandit" for r in h["reward"]]
+    assert max(rewards) <= (1.0 if reward == "pass_fraction" else 3.0)
+    # the good cluster (1) is pulled at least as often as the one with the single huge outlier (0)
+    first_rounds = [a for h in q.history[:12] for a in h.get("arms", [])]
+    assert first_rounds.count(1) >= first_rounds.count(0)
+
+
+def test_validate_tau_waits_for_set_tau_then_keeps_the_warmup_above_it():
+    ids, clusters, tokens = _corpus([50, 50, 50], seed=16)
+    score = _influence([0.0, 0.5, 1.0])
+    cfg = QuadConfig(tau="validate", tau_buckets=5, warmup_size=60, block_size=8)
+    q = QuadSelector(cfg, ids, clusters, tokens, budget_tokens=int(tokens.sum() * 0.2), seed=0)
+    plan = q.plan_round()
+    q.apply_round([[score(it.cluster, d) for d in it.sample] for it in plan.items])
+    assert q.awaiting_tau and not q.selection()["doc_id"] and not q.done
+    with pytest.raises(ValueError, match="set_tau"):
+        q.plan_round()
+    buckets = q.tau_buckets()
+    assert len(buckets) == 5 and sum(len(b["doc_ids"]) for b in buckets) == 60
+    assert [b["low"] for b in buckets] == sorted((b["low"] for b in buckets), reverse=True)
+    q.set_tau(buckets[1]["low"], {"bucket": 1})
+    kept = set(q.selection()["doc_id"])
+    assert kept == set(buckets[0]["doc_ids"]) | (set(buckets[1]["doc_ids"]) - {
+        d for d in buckets[1]["doc_ids"] if score(int(d[1]), d) <= buckets[1]["low"]})
+    assert q.plan_round().kind == "bandit"
+    state = json.loads(json.dumps(q.to_dict()))
+    assert QuadSelector.from_dict(state, ids, clusters, tokens).plan_round() == q.plan_round()

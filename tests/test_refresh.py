@@ -271,7 +271,7 @@ def test_quad_selector_carry_forward_steers_the_first_round():
     assert q.plan_round().items[0].cluster == 2
     restored = QuadSelector.from_dict(q.to_dict(), ids, clusters, [10] * 40)
     assert restored.bandit.pulls.tolist() == q.bandit.pulls.tolist()
-    q.apply_round([[1.0]])
+    q.apply_round([[1.0] * len(q.plan_round().items[0].sample)])
     with pytest.raises(ValueError, match="before the first round"):
         q.carry_forward(prior.to_dict())
 

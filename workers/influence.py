@@ -142,12 +142,15 @@ def fit_factors_parallel(workers: list, texts: Sequence[str], config: InfluenceC
 
 
 def score_parallel(workers: list, doc_ids: Sequence[str], texts: Sequence[str], batch_docs: int = 64) -> np.ndarray:
-    """Scores for all documents, batches spread round-robin over the workers (order kept)."""
+    """Scores for all documents, batches spread round-robin over the workers (order kept): the cosine
+    variant when the workers' config has ``normalise: true``, else the raw influence."""
     refs = []
     for j, s in enumerate(range(0, len(texts), batch_docs)):
         w = workers[j % len(workers)]
         refs.append(w.score.remote(list(doc_ids[s:s + batch_docs]), list(texts[s:s + batch_docs])))
     out = []
     for r in ray.get(refs):
-        out.extend(r["score"])
+        # influence.normalise: the workers also compute the cosine variant; it is then the score
+        # every selector ranks by (quad, topk-influence), the raw one stays in the worker result
+        out.extend(r["cosine"] if r.get("cosine") is not None else r["score"])
     return np.asarray(out, dtype=np.float64)
