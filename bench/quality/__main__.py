@@ -12,7 +12,15 @@ import shlex
 import sys
 from pathlib import Path
 
+from bench.quality.corpus import TARGETS
 from bench.quality.run import METHODS, BenchSettings, run_bench
+
+
+def _tau(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value
 from bench.quality.train import TrainSettings
 
 
@@ -21,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/.cache/quality", help="cache folder (corpus, models, work dirs)")
     p.add_argument("--results", default="bench/results", help="where quality.md/.json/.png go")
     p.add_argument("--name", default="quality", help="results file stem")
+    p.add_argument("--target", default="docstrings", choices=TARGETS, help="the target domain (reference, "
+                   "test and oracle sets come from it)")
     p.add_argument("--text-dir", action="append", default=[], help="extra text folder (repeatable), "
                    "e.g. /usr/share/doc: README/NEWS/FAQ/*.txt/*.md, .gz decompressed")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
@@ -38,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-text-dir-docs", type=int, default=300)
     p.add_argument("--low-quality", type=int, default=240, help="synthetic low-quality documents")
     p.add_argument("--clusters", type=int, default=16)
+    p.add_argument("--embed-tokens", type=int, default=128, help="MiniLM window (tokens) for quad/exploration-only")
+    p.add_argument("--quad-accept", choices=("block", "documents", "two_stage"), default=None,
+                   help="quad: what is kept (default: the job default)")
+    p.add_argument("--quad-tau", default=None, help="quad: auto | quantile | validate | a number (default: job default)")
+    p.add_argument("--quad-tau-slack", type=float, default=None)
+    p.add_argument("--quad-alpha", type=float, default=None)
+    p.add_argument("--quad-reward", choices=("pass_fraction", "clipped"), default=None)
+    p.add_argument("--quad-warmup", type=int, default=64)
+    p.add_argument("--quad-arms-per-round", type=int, default=2)
     p.add_argument("--quad-tau-top-fraction", type=float, default=0.2)
     p.add_argument("--quad-sample-ratio", type=float, default=0.25)
     p.add_argument("--quad-block-size", type=int, default=8)
@@ -63,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
                       matched_random=args.matched_random,
                       train=TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                           lr=args.lr, windows=args.train_windows),
-                      quad={"block_size": args.quad_block_size, "warmup_size": 64, "arms_per_round": 2,
+                      target=args.target, embed_tokens=args.embed_tokens,
+                      quad={"block_size": args.quad_block_size, "warmup_size": args.quad_warmup,
+                            "arms_per_round": args.quad_arms_per_round,
                             "sample_ratio": args.quad_sample_ratio, "tau_top_fraction": args.quad_tau_top_fraction,
+                            **{k: v for k, v in (("accept", args.quad_accept), ("tau_slack", args.quad_tau_slack),
+                                                 ("alpha", args.quad_alpha), ("reward", args.quad_reward))
+                               if v is not None},
+                            **({"tau": _tau(args.quad_tau)} if args.quad_tau is not None else {}),
                             **({"fill_rejected": True} if args.quad_fill_rejected else {}),
                             **({"neighbour_radius": args.quad_neighbour_radius}
                                if args.quad_neighbour_radius is not None else {})})

