@@ -204,7 +204,8 @@ def select_quad(job: Job):
     if job.hooks is not None:  # a refresh: seed the bandit with the previous run's arm statistics
         stages["bandit_carry"] = job.hooks.prepare_bandit(job, keys)
     bandit = start_bandit(job.workdir, job.config.quad, job.budget, job.config.seed, cluster_keys=keys)
-    status = run_quad_rounds(bandit, influence_score_fn(workers, job.readers, owners), job.progress, job.log)
+    status = run_quad_rounds(bandit, influence_score_fn(workers, job.readers, owners), job.progress, job.log,
+                             calibrate_fn=tau_calibration(job, owners))
     chosen = ray.get(bandit.selection.remote())
     summary = ray.get(bandit.summary.remote())
     ray.kill(bandit)  # the run is finished; its checkpoint stays in the work dir
@@ -212,6 +213,37 @@ def select_quad(job: Job):
                      round=chosen["round"])
     stages["quad"] = {k: status[k] for k in ("round", "stop_reason", "used_tokens") if k in status}
     return rows, {"quad": summary, "stages": stages}
+
+
+def _choose_tau_bucket(buckets, model: str, storage_options, validation, **kw) -> dict:
+    from selector.models import local_model_path
+    from selector.tau_validation import choose_bucket
+
+    return choose_bucket(buckets, local_model_path(model, storage_options), validation, **kw)
+
+
+def tau_calibration(job: Job, owners):
+    """``quad.tau: validate``: a function that picks tau from the warm-up's influence buckets by
+    short proxy trainings scored on the held-out part of the reference set (selector.tau_validation),
+    run as one Ray task (a GPU when the cluster has one)."""
+    if job.config.quad.tau != "validate":
+        return None
+    from workers.influence_stage import query_and_validation_texts
+    from workers.shard_reader import read_texts
+
+    def calibrate(buckets: list[dict]) -> dict:
+        _, validation = query_and_validation_texts(job.config, job.log)
+        for b in buckets:
+            b["texts"] = read_texts(job.readers, owners, b["doc_ids"])
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        task = ray.remote(num_cpus=job.config.ray.worker_num_cpus, num_gpus=gpus)(_choose_tau_bucket)
+        result = ray.get(task.remote(buckets, job.config.proxy_model, job.workdir.storage_options, validation,
+                                     steps=job.config.quad.validation_steps, seed=job.config.seed))
+        job.log(f"quad: tau validated on {len(validation)} held-out reference documents: bucket {result['bucket']} "
+                f"of {len(buckets)} (tau {result['tau']:.4g}) in {result['seconds']:.1f} s")
+        return result
+
+    return calibrate
 
 
 def select_topk_influence(job: Job):

@@ -130,6 +130,9 @@ class QuadConfig(StrictModel):
     tau_slack: float = Field(2.0, ge=1, description="auto tau: pass rate = slack x budget share (room to choose).")
     tau_top_fraction: float = Field(0.2, gt=0, lt=1, description="quantile tau: the pass rate (paper: 0.2).")
     tau_buckets: int = Field(20, ge=2, description="validate tau: influence buckets of the warm-up (paper: 20).")
+    validation_fraction: float = Field(0.25, gt=0, lt=1, description="validate tau: share of the reference set held "
+                                                                     "out of the query to measure validation loss.")
+    validation_steps: int = Field(30, ge=1, description="validate tau: proxy training steps per bucket.")
     gate_slack: float = Field(2.0, ge=1, description="two_stage: the sample gate passes gate_slack x the pass rate.")
     reward: Literal["pass_fraction", "clipped"] = Field(
         "pass_fraction", description="Arm reward: share of scored documents above tau_doc, or the clipped "

@@ -85,6 +85,29 @@ def test_quad_selects_by_cluster_with_rounds_and_scores(ray_local, corpus, tmp_p
     assert html.count("data:image/png;base64,") == 5
 
 
+def test_quad_validates_tau_on_a_held_out_part_of_the_reference_set(ray_local, corpus, tmp_path, tiny_tokenizer_dir,
+                                                                    quad_sections):
+    """quad.tau: validate (the paper's procedure): buckets of the warm-up, a short proxy training on
+    each cumulative bucket prefix, the lowest validation loss picks tau; its table and cost land in
+    the manifest, and the warm-up documents above it are kept."""
+    from ray_jobs.select import run
+
+    sections = dict(quad_sections, quad=dict(quad_sections["quad"], tau="validate", tau_buckets=4,
+                                             validation_fraction=0.34, validation_steps=3, warmup_size=24))
+    manifest = read_manifest(run(parse_config(config(corpus, tmp_path, tiny_tokenizer_dir, method="quad",
+                                                     **sections)), **QUIET))
+    check_rows(manifest, corpus[1], "quad")
+    quad = manifest.summary["quad"]
+    val = quad["tau_validation"]
+    assert len(val["table"]) == 4 and val["seconds"] > 0 and val["steps"] == 3
+    best = min((r for r in val["table"] if r["val_loss"] is not None), key=lambda r: (r["val_loss"], r["bucket"]))
+    assert val["bucket"] == best["bucket"] and quad["thresholds"]["doc"] == best["low"] == val["tau"]
+    warm = next(h for h in quad["history"] if h["kind"] == "warmup")
+    kept = set(manifest.table["doc_id"].to_pylist())
+    above = {d for d, x in zip(warm["doc_ids"], warm["scores"]) if x > val["tau"]}
+    assert above and above <= kept  # the budget (30%) holds the warm-up's passers
+
+
 def test_baselines_on_the_same_engine(ray_local, corpus, tmp_path, tiny_tokenizer_dir, quad_sections):
     from ray_jobs.select import run
 

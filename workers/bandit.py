@@ -88,8 +88,22 @@ class BanditActor:
     def plan_round(self) -> dict | None:
         """The round to score: ``{"round", "kind", "items": [{"cluster", "block", "sample", ...}]}``,
         or None when the selection is finished."""
+        if self.quad.awaiting_tau:  # tau: validate: the driver must choose tau (set_tau) first
+            return {"round": self.quad.next_round, "kind": "calibrate", "items": []}
         plan = self.quad.plan_round()
         return None if plan is None else plan.to_dict()
+
+    def tau_buckets(self) -> list[dict]:
+        """``tau: validate``: the warm-up documents in influence buckets (QuadSelector.tau_buckets)."""
+        return self.quad.tau_buckets()
+
+    def set_tau(self, tau_doc: float, report: dict) -> dict:
+        """``tau: validate``: fix the chosen tau, keep the warm-up documents above it, checkpoint."""
+        if not self.quad.awaiting_tau:  # a retried call after the tau was set: nothing to do again
+            return self.quad.tau_validation or {}
+        self.quad.set_tau(tau_doc, report)
+        self._checkpoint()
+        return self.quad.tau_validation
 
     def report(self, scores: Sequence[Sequence[float]] | Mapping[int, Sequence[float]],
                round_no: int | None = None) -> dict:
@@ -157,12 +171,18 @@ def start_bandit(workdir: WorkDir, config: QuadConfig | dict, budget_tokens: int
 ScoreFn = Callable[[list[tuple[int, list[str]]]], Sequence[Sequence[float]]]
 
 
-def run_quad_rounds(bandit, score_fn: ScoreFn, progress: bool = True, log: Callable[[str], Any] | None = None) -> dict:
+CalibrateFn = Callable[[list[dict]], dict]
+
+
+def run_quad_rounds(bandit, score_fn: ScoreFn, progress: bool = True, log: Callable[[str], Any] | None = None,
+                    calibrate_fn: CalibrateFn | None = None) -> dict:
     """Drive ``bandit`` to the end: plan, score, report, until it is done; returns its status.
 
     ``score_fn([(cluster, sample doc_ids), ...])`` returns one list of influence scores per
     request (same order, one per document). It is where the lead plugs in shard readers and
     influence workers; it runs on the driver, so it may fan out Ray tasks itself.
+    ``calibrate_fn(buckets)`` (``tau: validate`` only) returns ``{"tau", ...report}`` for the
+    warm-up's influence buckets (:func:`selector.tau_validation.choose_bucket`).
     """
     from tqdm import tqdm
 
@@ -178,6 +198,12 @@ def run_quad_rounds(bandit, score_fn: ScoreFn, progress: bool = True, log: Calla
             plan = ray.get(bandit.plan_round.remote())
             if plan is None:
                 break
+            if plan["kind"] == "calibrate":
+                if calibrate_fn is None:
+                    raise ValueError("quad.tau: validate needs a calibration function (the select job supplies it)")
+                result = calibrate_fn(ray.get(bandit.tau_buckets.remote()))
+                ray.get(bandit.set_tau.remote(float(result["tau"]), result))
+                continue
             scores = score_fn([(item["cluster"], item["sample"]) for item in plan["items"]])
             record = ray.get(bandit.report.remote([list(map(float, s)) for s in scores], plan["round"]))
             now = record.get("budget_used", used)

@@ -34,6 +34,21 @@ def reference_texts(config, log: Callable[[str], None] = print) -> list[str]:
     return texts
 
 
+def validates_tau(config) -> bool:
+    return config.method == "quad" and config.quad.tau == "validate"
+
+
+def query_and_validation_texts(config, log: Callable[[str], None] = print) -> tuple[list[str], list[str]]:
+    """The reference documents that build the influence query, and (``quad.tau: validate``) the
+    held-out validation part that picks tau (:func:`selector.tau_validation.split_reference`)."""
+    texts = reference_texts(config, log)
+    if not validates_tau(config):
+        return texts, []
+    from selector.tau_validation import split_reference
+
+    return split_reference(texts, config.quad.validation_fraction, config.seed)
+
+
 def prepare_influence(config, workdir: WorkDir, readers: list, owners: dict[str, int], progress: bool = True,
                       log: Callable[[str], None] = print) -> list:
     """Influence workers holding the model, the fitted factors and the preconditioned query."""
@@ -46,7 +61,8 @@ def prepare_influence(config, workdir: WorkDir, readers: list, owners: dict[str,
                                         if config.factors.source == "reference" else None})
     factors_uri = workdir.uri(STAGE, "factors.safetensors")
     query_uri = workdir.uri(STAGE, "query.safetensors")
-    query_hash = f"{fit_hash}-{config.stage_hash('reference')}"
+    query_hash = f"{fit_hash}-{config.stage_hash('reference')}" + (
+        f"-val{config.quad.validation_fraction}-s{config.seed}" if validates_tau(config) else "")
 
     if workdir.is_done(STAGE, "factors", fit_hash):
         log("reference: K-FAC factors found in the work dir")
@@ -65,7 +81,9 @@ def prepare_influence(config, workdir: WorkDir, readers: list, owners: dict[str,
     if workdir.is_done(STAGE, "query", query_hash):
         log("reference: query found in the work dir")
     else:
-        ref_texts = reference_texts(config, log)
+        ref_texts, held_out = query_and_validation_texts(config, log)
+        if held_out:
+            log(f"reference: {len(held_out)} documents held out to validate quad's tau")
         ray.get(workers[0].load_state.remote(factors_uri))
         info = ray.get(workers[0].compute_query.remote(ref_texts, query_uri))
         workdir.mark_done(STAGE, "query", query_hash, info)
