@@ -5,7 +5,7 @@
 Sections (each an ``<h2>`` with one figure, a PNG embedded as a ``data:`` URI):
 
 1. Arm pulls per round — which clusters the bandit pulled each round, selected or not;
-2. Reward per round — normalised reward of every pull and the round mean (0 = tau);
+2. Reward per round — the bounded reward of every pull (pass fraction, or clipped normalised mean) and the round mean;
 3. Influence of accepted vs rejected samples — histograms of the sampled documents'
    influence for selected and rejected blocks, with tau;
 4. Selected tokens per cluster — from the manifest's rows (the truth for every method);
@@ -56,7 +56,7 @@ def _figure(width: float = 8.0, height: float = 3.6):
 
 
 def _bandit_rounds(history: Sequence[dict]) -> list[dict]:
-    return [h for h in history if h.get("kind") == "bandit"]
+    return [h for h in history if h.get("kind") in ("bandit", "expand")]
 
 
 def _fig_pulls(rounds: list[dict]) -> str:
@@ -81,7 +81,7 @@ def _fig_reward(rounds: list[dict]) -> str:
         ax.plot(*zip(*means), c="tab:red", lw=1.2, label="round mean")
     ax.axhline(0.0, c="k", lw=0.8, ls="--", label="tau")
     ax.set_xlabel("round")
-    ax.set_ylabel("reward (mean influence - tau) / scale")
+    ax.set_ylabel("reward (pass fraction, or clipped (mean - tau) / scale)")
     ax.legend(loc="upper right", fontsize=8)
     return _png(fig)
 
@@ -94,8 +94,8 @@ def _fig_influence(rounds: list[dict], tau: float | None, warmup: list[float]) -
     bins = np.histogram_bin_edges(both, bins=40) if both.size else 10
     if len(warmup):
         ax.hist(warmup, bins=bins, histtype="step", color="k", lw=1, label=f"warm-up ({len(warmup)})")
-    ax.hist(rej, bins=bins, alpha=0.6, color="tab:gray", label=f"rejected blocks' samples ({rej.size})")
-    ax.hist(acc, bins=bins, alpha=0.6, color="tab:green", label=f"accepted blocks' samples ({acc.size})")
+    ax.hist(rej, bins=bins, alpha=0.6, color="tab:gray", label=f"scored, not kept ({rej.size})")
+    ax.hist(acc, bins=bins, alpha=0.6, color="tab:green", label=f"scored and kept ({acc.size})")
     if tau is not None:
         ax.axvline(tau, c="tab:red", lw=1, ls="--", label=f"tau = {tau:.3g}")
     ax.set_xlabel("influence on the reference set")
@@ -161,7 +161,7 @@ def build_report_html(summary: dict[str, Any], table, history: Sequence[dict] | 
     method = summary.get("method", "?")
     why = f"No Quad round log in this manifest (method {method})."
 
-    budget_log = [h for h in history if h.get("kind") in ("bandit", "fill")]
+    budget_log = [h for h in history if h.get("kind") in ("warmup", "bandit", "expand", "fill") and "budget_used" in h]
     figures: dict[str, str | None] = {
         "pulls": _fig_pulls(rounds) if rounds else None,
         "reward": _fig_reward(rounds) if rounds else None,

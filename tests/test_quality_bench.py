@@ -17,6 +17,11 @@ def test_quality_bench_smallest(ray_local, tmp_path):
     assert set(rows) == {"random", "perplexity", "oracle"}
     for r in result["runs"]:
         assert math.isfinite(r["target_loss"]) and math.isfinite(r["general_loss"])
+        # the broad loss is the mean over the non-target real domains held out of the corpus
+        assert set(r["broad_losses"]) == set(result["data"]["broad_domains"]) and "docstrings" not in r["broad_losses"]
+        assert math.isclose(r["broad_loss"], sum(r["broad_losses"].values()) / len(r["broad_losses"]))
+    assert rows["perplexity"]["scored_documents"] == sum(result["data"]["sources"].values())
+    assert rows["random"]["scored_documents"] == 0
     assert 0 < rows["random"]["selected_tokens"] <= 6_000
     assert rows["random"]["share_of_gain"] == 0.0
     by_method = {r["method"]: r for r in result["runs"]}

@@ -191,26 +191,44 @@ def budget_sample(tokenizer, texts: list[str], budget: int, seed: int) -> list[s
     return out
 
 
-def share_stages(work_root: Path, run_id: str, clusters: bool) -> None:
-    """Seed a new run's work dir with the index (and embed/cluster) outputs of a finished run.
+# Stage outputs a run may borrow from another finished run, and the config sections they depend on.
+SHARED_STAGES = (
+    (("index",), ("corpus", "tokenizer")),
+    (("embed", "cluster_fit", "cluster_summary"), ("corpus", "tokenizer", "embed", "cluster")),
+    (("kfac",), ("corpus", "tokenizer", "proxy_model", "influence", "factors", "reference", "seed")),
+)
 
-    Every run has its own work dir, but the index, embeddings and clusters depend only on the
-    corpus, tokenizer, encoder and cluster settings, which all arms share. Each stage output
-    carries the hash of the config it was made with, and the job recomputes any whose hash differs,
-    so a copied output is used only where it is exactly what the run would compute.
+
+def share_stages(work_root: Path, run_id: str, config: dict) -> list[str]:
+    """Seed a new run's work dir with stage outputs of finished runs made with the same settings.
+
+    Every run has its own work dir, but the index, the embeddings and clusters, and the K-FAC factors
+    and query depend only on a few config sections that arms share. A stage is copied from a
+    committed run whose manifest's config has the same values for those sections. Each stage output
+    still carries the hash of the config it was made with, and the job recomputes any whose hash
+    differs, so a copied output is used only where it is exactly what the run would compute.
+    Returns the stages copied.
     """
     import shutil
 
     target = work_root / "runs" / run_id
     if target.exists():
-        return  # the run started before: it resumes on its own outputs
-    stages = ["index"] + (["embed", "cluster_fit", "cluster_summary"] if clusters else [])
-    for donor in sorted((work_root / "runs").glob("*")) if (work_root / "runs").exists() else []:
-        have = [st for st in stages if (donor / st).is_dir()]
-        if len(have) == len(stages):
-            for st in stages:
-                shutil.copytree(donor / st, target / st)
-            return
+        return []  # the run started before: it resumes on its own outputs
+    donors = []
+    for m in sorted((work_root / "manifests").glob("*/manifest.json")) if (work_root / "manifests").exists() else []:
+        if (m.parent / "_SUCCESS").exists():
+            donors.append((m.parent.name, json.loads(m.read_text())["config"]))
+    copied = []
+    for stages, keys in SHARED_STAGES:
+        want = {k: config.get(k) for k in keys}
+        for donor, dcfg in donors:
+            src = work_root / "runs" / donor
+            if {k: dcfg.get(k) for k in keys} == want and all((src / st).is_dir() for st in stages):
+                for st in stages:
+                    shutil.copytree(src / st, target / st)
+                copied.extend(stages)
+                break
+    return copied
 
 
 def run_one(method: str, seed: int, data: BenchData, models: dict, s: BenchSettings, tokenizer, evals,
@@ -228,7 +246,7 @@ def run_one(method: str, seed: int, data: BenchData, models: dict, s: BenchSetti
         from ray_jobs.select import run
 
         cfg = parse_config(job_config(method, seed, data, models, s))
-        share_stages(Path(cfg.work.root), cfg.resolved_run_id(), cfg.method in ("quad", "exploration-only"))
+        share_stages(Path(cfg.work.root), cfg.resolved_run_id(), json.loads(json.dumps(cfg.redacted())))
         manifest = read_manifest(run(cfg, progress=False, log=lambda m: _log(f"  {method}: {m}")))
         select_s = time.time() - t0
         texts, masks = selected_texts(manifest, data.corpus_dir)

@@ -22,17 +22,22 @@ import numpy as np
 
 VARIANTS = {
     "default": [],
+    # what is kept (quad.accept)
+    "accept-block": ["--quad-accept", "block"],
+    "accept-two-stage": ["--quad-accept", "two_stage"],
+    # the threshold: the pass rate tau: auto aims at (slack x budget share), the paper's fixed top 20%
+    # (now on the compared quantity), and the paper's validation procedure
+    "tau-slack-1.25": ["--quad-tau-slack", "1.25"],
+    "tau-slack-4": ["--quad-tau-slack", "4"],
+    "tau-quantile-20%": ["--quad-tau", "quantile"],
+    "tau-validate": ["--quad-tau", "validate"],
+    # exploration and the reward
+    "alpha-0.1": ["--quad-alpha", "0.1"],
+    "alpha-2": ["--quad-alpha", "2"],
+    "reward-clipped": ["--quad-reward", "clipped"],
+    # clusters that follow domains (window of the encoder, more clusters)
+    "embed-256": ["--embed-tokens", "256"],
     "clusters-64": ["--clusters", "64"],
-    "sample-all": ["--quad-sample-ratio", "1.0"],
-    "blocks-of-2": ["--quad-block-size", "2", "--quad-sample-ratio", "0.5"],
-    "tau-top-50%": ["--quad-tau-top-fraction", "0.5"],
-    "fill-rejected": ["--quad-fill-rejected"],
-    "k64+blocks-of-2+fill": ["--clusters", "64", "--quad-block-size", "2", "--quad-sample-ratio", "0.5",
-                             "--quad-fill-rejected"],
-    # At k = 16 the nearest centroid pairs sit at cosine distance 0.22-0.62 (seed-0 fit), so the
-    # paper's radius 0.2 links none of them: these two make reward propagation active.
-    "neighbours-0.4": ["--quad-neighbour-radius", "0.4"],
-    "neighbours-0.6": ["--quad-neighbour-radius", "0.6"],
 }
 
 
@@ -49,13 +54,22 @@ def variant_rows(result: dict) -> dict:
     matched = [runs[("quad", s)]["target_loss"] - runs[("random@quad", s)]["target_loss"] if ("random@quad", s) in runs
                else runs[("quad", s)]["target_loss"] - runs[("random", s)]["target_loss"] for s in seeds]
     gdeltas = [runs[("quad", s)]["general_loss"] - runs[("random", s)]["general_loss"] for s in seeds]
-    doc_share = [r["selected_sources"].get("docstrings", 0) / max(1, r["documents"]) for r in quad]
+    bdeltas = [runs[("quad", s)]["broad_loss"] - runs[("random", s)]["broad_loss"] for s in seeds
+               if runs[("quad", s)].get("broad_loss") is not None]
+    target = result.get("data", {}).get("target", "docstrings")
+    doc_share = [r["selected_sources"].get(target, 0) / max(1, r["documents"]) for r in quad]
+    broad = [r["broad_loss"] for r in quad if r.get("broad_loss") is not None]
     return {"seeds": len(seeds), "target": float(np.mean([r["target_loss"] for r in quad])),
             "target_std": float(np.std([r["target_loss"] for r in quad], ddof=1)) if len(quad) > 1 else 0.0,
             "delta": float(np.mean(deltas)), "delta_std": float(np.std(deltas, ddof=1)) if len(deltas) > 1 else 0.0,
             "wins": sum(d < 0 for d in deltas), "matched_delta": float(np.mean(matched)),
             "matched_std": float(np.std(matched, ddof=1)) if len(matched) > 1 else 0.0,
             "matched_wins": sum(d < 0 for d in matched), "general_delta": float(np.mean(gdeltas)),
+            "broad_delta": float(np.mean(bdeltas)) if bdeltas else None,
+            "broad": float(np.mean(broad)) if broad else None,
+            "broad_std": float(np.std(broad, ddof=1)) if len(broad) > 1 else 0.0,
+            "scored_documents": float(np.mean([r.get("scored_documents") or 0 for r in quad])),
+            "purity": float(np.mean([(r.get("cluster_purity") or {}).get("purity") or 0 for r in quad])),
             "selected_tokens": float(np.mean([r["selected_tokens"] for r in quad])),
             "docstring_docs": float(np.mean(doc_share)),
             "rounds": [r.get("quad", {}).get("rounds") for r in quad],
@@ -83,16 +97,17 @@ def with_earlier_rows(ran: dict[str, dict], parts: Path, train: dict | None = No
 
 def table(rows: dict[str, dict], budget: int) -> str:
     out = ["| variant | flags | seeds | quad target loss | Δ target vs random (paired) | quad wins | "
-           "Δ vs random@same tokens | wins | Δ general vs random | budget filled | docstring share of docs | "
-           "stop reasons | reward propagations |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "Δ vs random@same tokens | wins | Δ broad vs random | budget filled | target share of docs | "
+           "scored docs | cluster purity | stop reasons | reward propagations |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         flags = " ".join(VARIANTS.get(name, [])) or "—"
         out.append(f"| {name} | `{flags}` | {r['seeds']} | {r['target']:.4f} ± {r['target_std']:.4f} | "
                    f"{r['delta']:+.4f} ± {r['delta_std']:.4f} | {r['wins']}/{r['seeds']} | "
                    f"{r['matched_delta']:+.4f} ± {r['matched_std']:.4f} | {r['matched_wins']}/{r['seeds']} | "
-                   f"{r['general_delta']:+.4f} | "
+                   + ("—" if r.get("broad_delta") is None else f"{r['broad_delta']:+.4f}") + " | "
                    f"{r['selected_tokens'] / budget:.0%} | {r['docstring_docs']:.0%} | "
+                   f"{r.get('scored_documents', 0):,.0f} | {r.get('purity', 0):.2f} | "
                    f"{', '.join(str(s) for s in r['stop'])} | "
                    f"{', '.join('—' if n is None else str(n) for n in r.get('propagations', []))} |")
     return "\n".join(out)
@@ -104,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/.cache/quality")
     p.add_argument("--results", default="bench/results")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--target", default="docstrings")
+    p.add_argument("--name", default="quad_variants", help="results file stem (per-variant files go in <name>/)")
     p.add_argument("--only", default="", help="comma-separated variant names to run (default: all); the other "
                    "variants' rows are read back from their result files in quad_variants/, where present")
     args = p.parse_args(argv)
@@ -111,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
-    parts = Path(args.results) / "quad_variants"
+    parts = Path(args.results) / args.name
     rows, budget, train = {}, None, None
     t0 = time.time()
     for name in names:
         stem = stem_of(name)
         cmd = [sys.executable, "-m", "bench.quality", "--methods", "quad", "--no-oracle", "--matched-random",
                "--seeds", str(args.seeds),
-               "--out", args.out, "--results", str(parts), "--name", stem,
+               "--out", args.out, "--results", str(parts), "--name", stem, "--target", args.target,
                *[a for d in args.text_dir for a in ("--text-dir", d)], *VARIANTS[name]]
         print(f"[{time.strftime('%H:%M:%S')}] variant {name}: {shlex.join(cmd)}", flush=True)
         subprocess.run(cmd, check=True)
@@ -126,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         budget, train = result["settings"]["budget_tokens"], result["settings"]["train"]
         rows[name] = variant_rows(result)
     rows = with_earlier_rows(rows, parts, train)
-    md = ["# Quad variants vs random (quality bench)", "", "Reproduce:", "", "```bash",
+    md = [f"# Quad variants vs random (quality bench, target {args.target})", "", "Reproduce:", "", "```bash",
           "python -m bench.quality.variants " + shlex.join(argv if argv is not None else sys.argv[1:]), "```", "",
           f"Each variant is one `python -m bench.quality --methods quad --no-oracle` run (per-variant files in "
           f"`{parts.name}/`); this invocation ran {', '.join(names)} in {time.time() - t0:.0f} s of wall time"
@@ -135,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
           "(same init, same selection seed): negative is better. random@same tokens = random documents up to the "
           "tokens Quad selected on that seed (a prefix of the same random order); where Quad filled >= 98% of the "
           "budget it is the plain random arm.", "", table(rows, budget), ""]
-    out = Path(args.results) / "quad_variants.md"
+    out = Path(args.results) / f"{args.name}.md"
     out.write_text("\n".join(md))
-    (Path(args.results) / "quad_variants.json").write_text(json.dumps(rows, indent=1))
+    (Path(args.results) / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(md))
     return 0
 
