@@ -13,7 +13,10 @@
 
 While not debugging, Ray's "Unhandled error" reports (the tracebacks of failed tasks whose
 results nobody fetched, printed when the driver exits) are switched off with
-``RAY_IGNORE_UNHANDLED_ERRORS=1``: the error that stopped the job is reported once, here.
+``RAY_IGNORE_UNHANDLED_ERRORS=1``, and the tracebacks workers print to their stderr (which Ray
+forwards to the driver: an actor whose ``__init__`` raised prints ~40 lines) are cut from the
+forwarded output (:func:`quiet_worker_tracebacks`): the error that stopped the job is reported
+once, here.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import re
 import sys
 import traceback
 
-from selector.errors import ThresherError
+from selector.errors import ModelLoadError, ThresherError
 
 EXIT_USER = 2      # the input, config or environment is wrong: the message says what to change
 EXIT_INTERNAL = 1  # unexpected: a bug or the machine
@@ -47,6 +50,56 @@ def quiet_ray_reports() -> None:
     """No traceback dumps from Ray for errors reported here (unless debugging)."""
     if not debug_enabled():
         os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+
+
+_TRACEBACK_START = re.compile(r"Traceback \(most recent call last\)|Exception raised in creation task|"
+                              r"ray::\w+[.\w]*\(\)|RayTaskError|Unhandled error")
+
+
+def _without_tracebacks(data: dict) -> dict | None:
+    """A worker's stderr batch with any traceback cut off (from its first line to the batch's end)."""
+    lines = data.get("lines") or []
+    for i, line in enumerate(lines):
+        if _TRACEBACK_START.search(line):
+            if i == 0:
+                return None
+            return dict(data, lines=lines[:i])
+    return data
+
+
+def quiet_worker_tracebacks() -> None:
+    """Drop the tracebacks Ray forwards from worker stderr to this driver (an actor's failed
+    ``__init__`` prints ~40 lines); the error that stops the job is reported once, by
+    :func:`report`. Other worker output still reaches the terminal. Not while debugging.
+
+    Uses Ray's worker-log dispatcher (``ray._private.ray_logging``); if its shape changes, this
+    does nothing.
+    """
+    if debug_enabled():
+        return
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # pragma: no cover
+        return
+    with dispatcher._lock:
+        handlers = list(dispatcher.handlers)
+        if any(name == "thresher_quiet" for name, _ in handlers):
+            return
+        wrapped = []
+        for name, handler in handlers:
+            if name == "ray_print_logs":
+                def quiet(data, _handler=handler):
+                    if data.get("is_err"):
+                        data = _without_tracebacks(data)
+                        if data is None:
+                            return
+                    _handler(data)
+
+                wrapped.append((name, quiet))
+            else:
+                wrapped.append((name, handler))
+        wrapped.append(("thresher_quiet", lambda data: None))  # marks the dispatcher as done
+        dispatcher.handlers = wrapped
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -102,7 +155,11 @@ def describe(exc: BaseException) -> tuple[int, str]:
 
     cause = unwrap(exc)
     if isinstance(cause, ThresherError):
-        return EXIT_USER, _compact(f"error: {cause}")
+        message = f"error: {cause}"
+        if isinstance(cause, ModelLoadError) and "check:" not in message:
+            message += ("\n  check: the path is a save_pretrained folder (config.json, weights, tokenizer files) "
+                        "of the kind of model the config key asks for")
+        return EXIT_USER, _compact(message)
     storage = storage_error(cause, "", what="a storage request")
     if storage is not None:
         return EXIT_USER, _compact(f"error: {storage}")

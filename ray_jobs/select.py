@@ -26,6 +26,7 @@ from selector.errors import ConfigError, ManifestError, ModelLoadError
 from selector.manifest import ManifestWriter, manifest_uri, read_manifest, run_summary, selection_table
 from selector.models import load_tokenizer, tokenizer_fingerprint
 from selector.storage import set_retry_seconds, storage_error
+from ray_jobs.errors import quiet_worker_tracebacks
 from selector.workdir import WorkDir
 from workers.runtime import connect
 from workers.shard_reader import index_corpus, random_selection, start_shard_readers
@@ -101,6 +102,7 @@ def run_pipeline(config: JobConfig, run_id: str, workdir: WorkDir, progress: boo
     if shards is None:  # also before Ray starts: a wrong URI or an unreachable store fails in seconds
         shards = Corpus(config.corpus).list_shards()
     connect(config.ray)
+    quiet_worker_tracebacks()  # the error is reported once, by ray_jobs.errors (not with --debug)
 
     # 1. index: list shards, validate, count documents and tokens
     log(f"run {run_id}: {len(shards)} shards under {config.corpus.uri}")
