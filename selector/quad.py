@@ -116,7 +116,7 @@ class QuadConfig(StrictModel):
     """Quad's selection loop (``quad:`` section of a job config)."""
 
     accept: Literal["block", "documents", "two_stage"] = Field(
-        "documents", description="What is kept: whole blocks whose sample mean clears tau (the paper), every "
+        "block", description="What is kept: whole blocks whose sample mean clears tau (the paper), every "
                                  "scored document that clears tau, or blocks whose sample passes, scored in full "
                                  "and filtered per document. See docs/quad.md for the measurements behind the default.")
     arms_per_round: int = Field(4, ge=1, description="m: clusters pulled per round.")

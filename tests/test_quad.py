@@ -107,7 +107,7 @@ def test_auto_tau_is_the_top_20_percent_boundary():
 
 def test_warmup_is_the_front_of_every_queue_calibrates_and_its_scores_count():
     ids, clusters, tokens = _corpus([100, 200, 300], seed=2)
-    cfg = QuadConfig(warmup_size=120, tau_slack=2.0)
+    cfg = QuadConfig(accept="documents", warmup_size=120, tau_slack=2.0)
     budget = int(tokens.sum() * 0.1)
     q = QuadSelector(cfg, ids, clusters, tokens, budget_tokens=budget, seed=4)
     plan = q.plan_round()

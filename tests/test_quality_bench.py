@@ -75,13 +75,13 @@ def test_variant_table_keeps_the_rows_of_variants_not_rerun(tmp_path):
 
     (tmp_path / f"{stem_of('clusters-64')}.json").write_text(json.dumps(result([6.2, 6.3])))
     (tmp_path / f"{stem_of('no-such-variant')}.json").write_text(json.dumps(result([6.0])))
-    ran = {"neighbours-0.4": variant_rows(result([6.35, 6.45], propagations=7))}
+    ran = {"alpha-0.1": variant_rows(result([6.35, 6.45], propagations=7))}
     rows = with_earlier_rows(ran, tmp_path)
-    assert list(rows) == [n for n in VARIANTS if n in ("clusters-64", "neighbours-0.4")]
+    assert list(rows) == [n for n in VARIANTS if n in ("clusters-64", "alpha-0.1")]
     assert abs(rows["clusters-64"]["delta"] - ((6.2 - 6.4) + (6.3 - 6.4)) / 2) < 1e-12
-    assert rows["neighbours-0.4"]["wins"] == 1 and rows["neighbours-0.4"]["docstring_docs"] == 0.4
+    assert rows["alpha-0.1"]["wins"] == 1 and rows["alpha-0.1"]["docstring_docs"] == 0.4
     md = table(rows, budget=90_000)
-    assert "| neighbours-0.4 | `--quad-neighbour-radius 0.4` | 2 |" in md and "| 7, 7 |" in md
+    assert "| alpha-0.1 | `--quad-alpha 0.1` | 2 |" in md and "| 7, 7 |" in md
     assert "| budget, budget | —, — |" in md  # runs from before the propagation count show a dash
 
 

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-text-dir-docs", type=int, default=300)
     p.add_argument("--low-quality", type=int, default=240, help="synthetic low-quality documents")
     p.add_argument("--clusters", type=int, default=16)
-    p.add_argument("--embed-tokens", type=int, default=128, help="MiniLM window (tokens) for quad/exploration-only")
+    p.add_argument("--embed-tokens", type=int, default=256, help="MiniLM window (tokens) for quad/exploration-only")
     p.add_argument("--quad-accept", choices=("block", "documents", "two_stage"), default=None,
                    help="quad: what is kept (default: the job default)")
     p.add_argument("--quad-tau", default=None, help="quad: auto | quantile | validate | a number (default: job default)")

@@ -48,7 +48,7 @@ class BenchSettings:
     clusters: int = 16
     quad: dict = field(default_factory=lambda: {"block_size": 8, "warmup_size": 64, "arms_per_round": 2,
                                                  "sample_ratio": 0.25})
-    embed_tokens: int = 128  # MiniLM window of the quad / exploration-only runs
+    embed_tokens: int = 256  # MiniLM window of the quad / exploration-only runs (the job default)
     keep_ratio: float = 0.6
     oracle: bool = True
     # Also train "random@<method>": random documents up to the token count <method> actually
@@ -76,7 +76,7 @@ def cache_keys(s: BenchSettings) -> dict:
             s.vocab_size] + ([s.max_target_docs] if s.max_target_docs else []) + [s.target, s.n_broad]
     models = data + [s.hidden_size, s.num_layers, s.proxy_steps]
     runs = models + [s.budget_tokens, asdict(s.train), s.clusters, s.quad, s.keep_ratio] + \
-        ([s.embed_tokens] if s.embed_tokens != 128 else [])
+        [s.embed_tokens]
     return {k: stable_hash(v)[:10] for k, v in (("data", data), ("models", models), ("runs", runs))}
 
 

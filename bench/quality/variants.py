@@ -23,7 +23,7 @@ import numpy as np
 VARIANTS = {
     "default": [],
     # what is kept (quad.accept)
-    "accept-block": ["--quad-accept", "block"],
+    "accept-documents": ["--quad-accept", "documents"],
     "accept-two-stage": ["--quad-accept", "two_stage"],
     # the threshold: the pass rate tau: auto aims at (slack x budget share), the paper's fixed top 20%
     # (now on the compared quantity), and the paper's validation procedure
@@ -36,7 +36,7 @@ VARIANTS = {
     "alpha-2": ["--quad-alpha", "2"],
     "reward-clipped": ["--quad-reward", "clipped"],
     # clusters that follow domains (window of the encoder, more clusters)
-    "embed-256": ["--embed-tokens", "256"],
+    "embed-128": ["--embed-tokens", "128"],
     "clusters-64": ["--clusters", "64"],
 }
 
