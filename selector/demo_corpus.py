@@ -74,28 +74,13 @@ def build_demo_corpus(out_dir: str | Path, n_shards: int = 8, max_docs_per_sourc
 
 def build_demo_proxy(out_dir: str | Path, tokenizer_dir: str | Path, corpus_dir: str | Path, steps: int = 150,
                      seed: int = 0, progress: bool = True) -> str:
-    """A tiny Llama trained briefly on the demo corpus: Quad's proxy model for influence."""
-    from selector.corpus import Corpus, CorpusConfig
-    from selector.proxy_models import build_causal_lm
-    from selector.proxy_training import train_causal_lm
+    """A tiny Llama trained briefly on the demo corpus: Quad's proxy model for influence.
 
-    out = Path(out_dir)
-    trained = out / "proxy"
-    if (trained / "config.json").exists():
-        return str(trained)
-    build_causal_lm(tokenizer_dir, out / "proxy-init", arch="llama", hidden_size=64, num_layers=2, seed=seed)
-    corpus = Corpus(CorpusConfig(uri=str(corpus_dir)))
-    texts: list[str] = []
-    for shard in corpus.list_shards():
-        for batch in corpus.iter_batches(shard):
-            texts.extend(batch.texts)
-    random.Random(seed).shuffle(texts)
-    from tqdm import tqdm
+    The same code path as ``thresher models train`` (:func:`selector.model_training.train_models_from_corpus`);
+    returns the proxy's folder (a rerun reuses it)."""
+    from selector.corpus import CorpusConfig
+    from selector.model_training import ModelTrainingConfig, train_models_from_corpus
 
-    with tqdm(total=steps, desc="proxy LM", unit="step", disable=not progress, mininterval=0.5) as bar:
-        def step(_: int, loss: float) -> None:
-            bar.set_postfix_str(f"loss {loss:.2f}", refresh=False)
-            bar.update(1)
-
-        train_causal_lm(out / "proxy-init", texts[:600], trained, steps=steps, seed=seed, progress=step)
-    return str(trained)
+    settings = ModelTrainingConfig(steps=steps, checkpoints=1, corpus_documents=600, seed=seed)
+    return train_models_from_corpus(tokenizer_dir, CorpusConfig(uri=str(corpus_dir)), None, out_dir, settings,
+                                    progress=progress, log=lambda m: None).proxy

@@ -84,23 +84,24 @@ def prepare_models(data: BenchData, s: BenchSettings, root: Path) -> dict:
     """Tokenizer-sharing tiny Llamas: proxy (with a 2-checkpoint trajectory) and a reference model."""
     import random
 
-    from selector.proxy_models import build_causal_lm
-    from selector.proxy_training import train_causal_lm
+    import torch
+
+    from selector.model_training import ModelTrainingConfig, train_models
 
     paths = {"init": str(root / "proxy-init"), "ckpt_a": str(root / "proxy-a"), "proxy": str(root / "proxy-b"),
              "reference": str(root / "reference")}
-    if all((Path(p) / "config.json").exists() for p in paths.values()):
-        return paths
-    build_causal_lm(data.tokenizer_dir, paths["init"], hidden_size=s.hidden_size, num_layers=s.num_layers, seed=1000)
     texts = corpus_texts(data.corpus_dir)
     sample = random.Random(1000).sample(texts, min(len(texts), 600))
-    half = max(1, s.proxy_steps // 2)
     # The proxy is the "training model" (Rho-1) and the influence model (Quad): a brief run on raw
-    # corpus text. Its halfway point and end are GTP's gradient trajectory.
-    train_causal_lm(paths["init"], sample, paths["ckpt_a"], steps=half, seed=1000)
-    train_causal_lm(paths["ckpt_a"], sample, paths["proxy"], steps=s.proxy_steps - half, seed=1001, warmup_steps=0)
-    # Rho-1's reference model: the same init trained on the reference (target-domain) set.
-    train_causal_lm(paths["init"], data.reference, paths["reference"], steps=s.proxy_steps, seed=1002)
+    # corpus text. Its halfway point and end are GTP's gradient trajectory. Rho-1's reference model:
+    # the same init trained on the reference (target-domain) set. The code path of `thresher models
+    # train` (seeds 1000/1001 for the two proxy segments, 1002 for the reference; torch's default
+    # threads, as before); finished folders are reused.
+    settings = ModelTrainingConfig(hidden_size=s.hidden_size, num_layers=s.num_layers, steps=s.proxy_steps,
+                                   checkpoints=2, seed=1000, threads=torch.get_num_threads())
+    train_models(data.tokenizer_dir, sample, data.reference, root, settings, progress=False, log=_log,
+                 paths={"init": paths["init"], "checkpoints": [paths["ckpt_a"], paths["proxy"]],
+                        "reference": paths["reference"]})
     return paths
 
 
