@@ -75,8 +75,12 @@ def cache_keys(s: BenchSettings) -> dict:
     data = [s.text_dirs, s.max_docs_per_source, s.max_text_dir_docs, s.n_low_quality, s.max_chars, s.n_general,
             s.vocab_size] + ([s.max_target_docs] if s.max_target_docs else []) + [s.target, s.n_broad]
     models = data + [s.hidden_size, s.num_layers, s.proxy_steps]
-    runs = models + [s.budget_tokens, asdict(s.train), s.clusters, s.quad, s.keep_ratio] + \
-        [s.embed_tokens]
+    from selector.quad import QuadConfig
+
+    # the resolved Quad config, defaults included: a changed default must not reuse older results
+    # (it did once: a cached quad run made under the previous accept default was read back)
+    quad = QuadConfig.model_validate(s.quad).model_dump(mode="json")
+    runs = models + [s.budget_tokens, asdict(s.train), s.clusters, quad, s.keep_ratio, s.embed_tokens]
     return {k: stable_hash(v)[:10] for k, v in (("data", data), ("models", models), ("runs", runs))}
 
 
