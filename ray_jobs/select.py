@@ -28,7 +28,7 @@ from selector.models import load_tokenizer, tokenizer_fingerprint
 from selector.storage import set_retry_seconds, storage_error
 from ray_jobs.errors import quiet_worker_tracebacks
 from selector.workdir import WorkDir
-from workers.runtime import connect
+from workers.runtime import connect, resolve_workers
 from workers.shard_reader import index_corpus, random_selection, start_shard_readers
 
 
@@ -102,6 +102,7 @@ def run_pipeline(config: JobConfig, run_id: str, workdir: WorkDir, progress: boo
     if shards is None:  # also before Ray starts: a wrong URI or an unreachable store fails in seconds
         shards = Corpus(config.corpus).list_shards()
     connect(config.ray)
+    config = resolve_workers(config, log)  # `auto` pool sizes from the cluster's GPUs / CPU cores and memory
     quiet_worker_tracebacks()  # the error is reported once, by ray_jobs.errors (not with --debug)
 
     # 1. index: list shards, validate, count documents and tokens
@@ -396,7 +397,7 @@ def loss_workers(job: Job) -> list:
         rho = job.config.rho
         require_same_tokenizer({"tokenizer": job.config.tokenizer, "rho.reference_model": rho.reference_model,
                                 "rho.training_model": rho.training_model})
-        job._loss_workers = start_workers(rho, corpus_config=job.config.corpus)
+        job._loss_workers = start_workers(rho, corpus_config=job.config.corpus, n_workers=job.config.ray.loss_workers)
     return job._loss_workers
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -78,6 +78,10 @@ class FactorFitConfig(StrictModel):
     documents: int = Field(512, ge=1, description="Documents in the fitting sample.")
 
 
+# A worker-pool size: an integer, or "auto" (resolved once per job by workers.runtime.resolve_workers).
+WorkerCount = Annotated[int, Field(ge=1)] | Literal["auto"]
+
+
 class RayConfig(StrictModel):
     """Execution only (not part of the config hash)."""
 
@@ -85,8 +89,11 @@ class RayConfig(StrictModel):
     num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local Ray (oversubscribe: 2 x cores).")
     shard_readers: int = Field(2, ge=1, description="Shard-reader actors; shards are split among them.")
     reader_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per reader (fractional avoids starving).")
-    embed_workers: int = Field(2, ge=1, description="Encoder actors (one GPU each when the cluster has GPUs).")
-    influence_workers: int = Field(2, ge=1, description="Influence actors (one GPU each when the cluster has GPUs).")
+    embed_workers: WorkerCount = Field("auto", description="Encoder actors (one GPU each when the cluster has GPUs); "
+                                       "auto: one per GPU, else one per CPU core within memory (workers.runtime).")
+    influence_workers: WorkerCount = Field("auto", description="Influence (and GTP feature) actors; auto as embed_workers.")
+    loss_workers: WorkerCount = Field("auto", description="Loss-scoring actors (perplexity, rho, token masks); auto as "
+                                      "embed_workers; rho.num_workers, when set, wins.")
     worker_num_cpus: float = Field(0.5, gt=0, description="CPUs per model actor on a CPU-only cluster.")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 from dataclasses import asdict
 
 import ray
@@ -19,6 +20,9 @@ from tqdm import tqdm
 from selector.corpus import Corpus, CorpusConfig, ShardInfo
 from selector.embedding import EmbedConfig, Encoder, embed_shard, encoder_identity, shard_config_hash, STAGE
 from selector.workdir import WorkDir, shard_key
+
+RESTARTS = 3  # restarts of a dead encoder actor (and retries of its in-flight shard)
+ACTOR_PREFIX = "thresher-embed-"
 
 
 @ray.remote
@@ -32,7 +36,9 @@ class EmbedWorker:
     def info(self) -> dict:
         import torch
 
-        return {"device": self.encoder.device, "dtype": str(self.encoder.torch_dtype), "dim": self.encoder.dim,
+        import os
+
+        return {"pid": os.getpid(), "device": self.encoder.device, "dtype": str(self.encoder.torch_dtype), "dim": self.encoder.dim,
                 "threads": torch.get_num_threads(), "identity": self.encoder.identity()}
 
     def embed(self, shard: ShardInfo, config_hash: str) -> dict:
@@ -74,9 +80,13 @@ def embed_corpus(corpus_config: CorpusConfig, embed_config: EmbedConfig, workdir
             options = {"num_cpus": cpus}
             cfg = embed_config.model_copy(update={"device": "cpu",
                                                   "num_threads": embed_config.num_threads or max(1, int(cpus))})
-        actors = [EmbedWorker.options(**options).remote(
+        # A dead actor (process killed, node lost) is restarted and its in-flight shard retried: a shard's
+        # output is written whole, then its done marker, so a retried shard just writes it again.
+        tag = uuid.uuid4().hex[:8]
+        actors = [EmbedWorker.options(**options, name=f"{ACTOR_PREFIX}{tag}-{i}", max_restarts=RESTARTS,
+                                      max_task_retries=RESTARTS).remote(
             corpus_config.model_dump(mode="json"), cfg.model_dump(mode="json"), workdir.root, workdir.run_id,
-            workdir.storage_options) for _ in range(max(1, min(n_workers, len(todo))))]
+            workdir.storage_options) for i in range(max(1, min(n_workers, len(todo))))]
         try:
             info = ray.get(actors[0].info.remote())
             pool = ray.util.ActorPool(actors)

@@ -17,6 +17,7 @@ Two driver-side entry points:
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -27,8 +28,12 @@ import ray
 from selector.corpus import Corpus, CorpusConfig, DocumentBatch, RejectSink
 from selector.errors import ModelLoadError, ThresherError
 from selector.models import require_same_tokenizer
+from workers.runtime import fit_num_cpus
 from selector.rho import (ExcessHistogram, RhoConfig, excess_losses, mean_scores, pack_mask, topk_masks_exact,
                           topk_masks_per_batch)
+
+RESTARTS = 3  # restarts of a dead loss actor (and retries of its in-flight calls)
+ACTOR_PREFIX = "thresher-loss-"  # actor names: <prefix><job tag>-<i> (visible in `ray list actors`)
 
 
 @ray.remote
@@ -42,6 +47,7 @@ class LossWorker:
         self.scorer = RhoScorer(self.config, storage_options=storage_options)
         self.corpus = Corpus(CorpusConfig(**corpus_config)) if corpus_config else None
         self._stored: list[tuple[str, str, int, int, np.ndarray]] = []  # (doc_id, shard, row, n_tokens, excess)
+        self.generation = uuid.uuid4().hex  # new after a restart: the driver sees lost sketch-mode state
 
     def _resolve(self, item) -> DocumentBatch:
         """A work item is a DocumentBatch, or ``(ShardInfo, rows | None)`` read here (so texts
@@ -61,6 +67,12 @@ class LossWorker:
 
     def tokenizer_fingerprint(self) -> str:
         return self.scorer.tokenizer_fingerprint
+
+    def info(self) -> dict:
+        """This actor's process and generation (both change when Ray restarts it)."""
+        import os
+
+        return {"pid": os.getpid(), "generation": self.generation}
 
     def score(self, item) -> dict:
         """Per-document scores of one work item (skipped documents have NaN scores)."""
@@ -88,6 +100,7 @@ class LossWorker:
                 hist.add(x)
             self._stored.extend((*m, x) for m, x in zip(meta, kept_excess))
             out["histogram"] = hist.to_dict()
+            out["generation"] = self.generation
         elif mode == "exact":
             out.update(meta=meta, excess=kept_excess)
         elif mode == "per_batch":
@@ -108,7 +121,7 @@ class LossWorker:
         stored, self._stored = self._stored, []
         masks = hist.masks([s[4] for s in stored], bin_threshold)
         return {"meta": [s[:4] for s in stored], "masks": [pack_mask(m) for m in masks],
-                "n_kept": [int(m.sum()) for m in masks]}
+                "n_kept": [int(m.sum()) for m in masks], "generation": self.generation}
 
 
 @dataclass
@@ -121,19 +134,26 @@ class MaskResult:
 
 
 def start_workers(config: RhoConfig, storage_options: dict | None = None,
-                  corpus_config: CorpusConfig | None = None) -> list:
-    """The actor pool: one actor per GPU (or ``num_workers``), fractional CPUs otherwise."""
+                  corpus_config: CorpusConfig | None = None, n_workers: int | None = None) -> list:
+    """The actor pool: ``rho.num_workers`` actors, else ``n_workers`` (the job's resolved
+    ``ray.loss_workers``), else one per GPU (at least one); one GPU each, or fractional CPUs.
+
+    An actor that dies (its process killed, its node lost) is restarted and its in-flight calls
+    are retried (``max_restarts`` / ``max_task_retries``): scoring calls are stateless, and the
+    sketch-mode mask stage detects a restarted actor and redoes its work (:func:`compute_token_masks`)."""
     paths = {"reference_model": config.reference_model, "training_model": config.training_model}
     if all("://" not in p or p.startswith("file://") for p in paths.values()):
         # Local paths: refuse a missing path or mismatched tokenizers before starting actors
         # (remote models are checked by the actors, which copy them once to their cache).
         require_same_tokenizer(paths)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    n = config.num_workers or max(gpus, 1)
-    opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": config.worker_num_cpus}
-    actors = [LossWorker.options(**opts).remote(config.model_dump(mode="json"), storage_options,
+    n = config.num_workers or n_workers or max(gpus, 1)
+    opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": fit_num_cpus(config.worker_num_cpus, n)}
+    tag = uuid.uuid4().hex[:8]
+    actors = [LossWorker.options(**opts, name=f"{ACTOR_PREFIX}{tag}-{i}", max_restarts=RESTARTS,
+                                 max_task_retries=RESTARTS).remote(config.model_dump(mode="json"), storage_options,
                                                 corpus_config.model_dump(mode="json") if corpus_config else None)
-              for _ in range(n)]
+              for i in range(n)]
     try:
         fingerprints = ray.get([a.tokenizer_fingerprint.remote() for a in actors])  # surfaces load errors now
     except ray.exceptions.RayActorError as exc:
@@ -233,16 +253,26 @@ def compute_token_masks(batches: Iterable[DocumentBatch], config: RhoConfig, sto
                      "tokenizer_fingerprint": ray.get(actors[0].tokenizer_fingerprint.remote()),
                      "reference_model": config.reference_model, "training_model": config.training_model,
                      "bit_order": "little", "add_bos": config.add_bos}
+    batches = list(batches)
     try:
-        ray.get([a.reset.remote() for a in actors])
-        parts = _run(actors, "score_for_masks", batches, (mode,), progress=progress)
-        if mode == "sketch":
+        for attempt in range(RESTARTS + 1):
+            ray.get([a.reset.remote() for a in actors])
+            parts = _run(actors, "score_for_masks", batches, (mode,), progress=progress)
+            if mode != "sketch":
+                break
             merged = ExcessHistogram(config.sketch_range[0], config.sketch_range[1], config.sketch_bins)
             for p in parts:
                 merged = merged.merge(ExcessHistogram.from_dict(p["histogram"]))
             b, info = merged.threshold(config.keep_ratio)
-            summary.update(global_method="sketch", threshold_bin=b, **info)
             finished = ray.get([a.finish_masks.remote(b) for a in actors])
+            # An actor restarted between the phases lost the losses it kept: redo the stage.
+            if {p["generation"] for p in parts} <= {f["generation"] for f in finished}:
+                break
+            if attempt == RESTARTS:
+                raise ThresherError("mask stage: loss actors kept restarting; their stored losses were lost "
+                                    f"{RESTARTS + 1} times")
+        if mode == "sketch":
+            summary.update(global_method="sketch", threshold_bin=b, **info)
             meta = [m for f in finished for m in f["meta"]]
             masks = [m for f in finished for m in f["masks"]]
             n_kept = [k for f in finished for k in f["n_kept"]]
