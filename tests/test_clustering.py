@@ -110,7 +110,12 @@ def test_neighbours_blocked_equals_dense():
     c /= np.linalg.norm(c, axis=1, keepdims=True)
     small = centroid_neighbours(c, 0.2, block=7)
     dense = centroid_neighbours(c, 0.2, block=10_000)
-    assert small.equals(dense) and small.num_rows > 0
+    # same pairs in the same order; distances equal to float32 rounding (BLAS sums a 7-row block and a
+    # 300-row block in different orders on some CPUs, which moves the last bit)
+    assert small.num_rows == dense.num_rows > 0
+    for col in ("cluster", "neighbour"):
+        assert small.column(col).to_pylist() == dense.column(col).to_pylist()
+    np.testing.assert_allclose(small.column("distance").to_numpy(), dense.column("distance").to_numpy(), atol=1e-6)
     assert (small.column("distance").to_numpy() < 0.2).all()
 
 
