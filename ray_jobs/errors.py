@@ -151,7 +151,7 @@ def _compact(text: str, limit: int = MAX_LINES) -> str:
 
 def describe(exc: BaseException) -> tuple[int, str]:
     """``(exit code, message)`` for an exception that ended a command."""
-    from selector.storage import storage_error
+    from selector.storage import request_uri, storage_error
 
     cause = unwrap(exc)
     if isinstance(cause, ThresherError):
@@ -160,7 +160,8 @@ def describe(exc: BaseException) -> tuple[int, str]:
             message += ("\n  check: the path is a save_pretrained folder (config.json, weights, tokenizer files) "
                         "of the kind of model the config key asks for")
         return EXIT_USER, _compact(message)
-    storage = storage_error(cause, "", what="a storage request")
+    uri = request_uri(cause)
+    storage = storage_error(cause, uri or "", what="the object" if uri else "a storage request")
     if storage is not None:
         return EXIT_USER, _compact(f"error: {storage}")
     if isinstance(cause, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)) and \

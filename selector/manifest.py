@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import uuid
 from dataclasses import dataclass
@@ -87,6 +88,21 @@ def versions() -> dict[str, str]:
     return out
 
 
+COMMIT_PAUSE_ENV = "THRESHER_COMMIT_PAUSE"
+
+
+def _pause_point(name: str) -> None:
+    """Fault-injection hook for tests/test_faults.py: with ``THRESHER_COMMIT_PAUSE=<name>`` the commit
+    stops at that point (``after_parts``: parts copied, no manifest.json; ``before_success``: all but
+    ``_SUCCESS``) so the test can kill the process there."""
+    if os.environ.get(COMMIT_PAUSE_ENV) == name:
+        import sys
+        import time
+
+        print(f"commit paused at {name}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
 class ManifestWriter:
     """Stage parts, then :meth:`commit` with the summary. Use once per run."""
 
@@ -147,7 +163,9 @@ class ManifestWriter:
             self.fs.copy(f"{self.staging}/{part['name']}", f"{self.final}/{part['name']}")
         for name in self.extras:
             self.fs.copy(f"{self.staging}/{name}", f"{self.final}/{name}")
+        _pause_point("after_parts")
         atomic_write_bytes(self.fs, f"{self.final}/{MANIFEST_JSON}", json.dumps(body, indent=2, default=str).encode())
+        _pause_point("before_success")
         atomic_write_bytes(self.fs, f"{self.final}/{SUCCESS}", b"")
         try:
             self.fs.rm(self.staging, recursive=True)

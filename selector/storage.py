@@ -18,6 +18,7 @@ options are never part of a message: only ``endpoint_url`` is named.
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 from selector.errors import StorageError
@@ -141,6 +142,27 @@ def _endpoint(storage_options: dict | None) -> str | None:
     return options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
 
 
+def request_uri(exc: BaseException) -> str | None:
+    """The ``s3://bucket/key`` a failed request was for, read from the endpoint URL botocore reports
+    (path-style ``http://host/bucket/key`` as with a custom endpoint, or virtual-hosted
+    ``https://bucket.s3.<region>.amazonaws.com/key``); None when the error names no URL."""
+    from urllib.parse import unquote, urlsplit
+
+    for e in _chain(exc):
+        url = (getattr(e, "kwargs", None) or {}).get("endpoint_url") if isinstance(getattr(e, "kwargs", None), dict) \
+            else None
+        if not url:
+            continue
+        parts = urlsplit(url)
+        host, path = parts.hostname or "", unquote(parts.path).lstrip("/")
+        hosted = re.match(r"^(?P<bucket>.+?)\.s3[.-]", host)
+        if hosted:
+            return f"s3://{hosted['bucket']}/{path}".rstrip("/")
+        if path:
+            return f"s3://{path}"
+    return None
+
+
 def storage_error(exc: BaseException, uri: str, what: str = "storage", setting: str | None = None,
                   storage_options: dict | None = None, elapsed: float | None = None) -> StorageError | None:
     """A :class:`StorageError` for ``exc`` raised while using ``uri``, or None if it is not a storage problem.
@@ -152,6 +174,8 @@ def storage_error(exc: BaseException, uri: str, what: str = "storage", setting: 
     if found is None:
         return None
     kind, reason = found
+    if not uri:  # the caller does not know which object: name the one the failed request was for
+        uri = request_uri(exc) or ""
     options_key = f"{setting}.storage_options" if setting else "storage_options"
     endpoint = _endpoint(storage_options)
     at = f" at {endpoint}" if endpoint else ""

@@ -1,0 +1,42 @@
+"""selector.storage: the retry plan fits its budget, and storage errors name the object (real botocore
+exception types; the end-to-end cases, on the S3-protocol server, are in test_errors.py / test_faults.py)."""
+
+from __future__ import annotations
+
+import pytest
+from botocore.exceptions import EndpointConnectionError
+
+from selector.storage import _backoff, request_uri, retry_plan, storage_error
+
+
+@pytest.mark.parametrize("seconds", [1, 3, 30, 120])
+def test_retry_plan_fits_the_budget(seconds):
+    attempts, timeout = retry_plan(seconds)
+    spent = sum(_backoff(i) + timeout for i in range(attempts))
+    assert attempts >= 1 and (spent <= seconds or attempts == 1)
+    # one more attempt would not fit
+    assert spent + _backoff(attempts) + timeout > seconds
+
+
+@pytest.mark.parametrize("url, uri", [
+    ("http://127.0.0.1:9000/bucket/runs/x/index/part-01.jsonl.done.json", "s3://bucket/runs/x/index/part-01.jsonl.done.json"),
+    ("https://my-bucket.s3.us-east-1.amazonaws.com/a/b%20c.json", "s3://my-bucket/a/b c.json"),
+    ("https://my-bucket.s3.amazonaws.com/", "s3://my-bucket"),
+])
+def test_request_uri_reads_the_object_from_the_endpoint_url(url, uri):
+    assert request_uri(EndpointConnectionError(endpoint_url=url)) == uri
+
+
+def test_an_error_without_a_known_uri_names_the_failed_request():
+    try:
+        try:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/data/corpus/part-7.parquet")
+        except EndpointConnectionError as inner:
+            raise OSError("listing failed") from inner
+    except OSError as exc:
+        error = storage_error(exc, "", what="the object", storage_options={"endpoint_url": "http://127.0.0.1:1"})
+    assert error.kind == "unreachable"
+    first = str(error).splitlines()[0]
+    assert "s3://data/corpus/part-7.parquet" in first and "http://127.0.0.1:1" in first
+    assert request_uri(ValueError("no url here")) is None
+    assert storage_error(ValueError("not storage"), "s3://x/y") is None
