@@ -77,6 +77,7 @@ def train(corpus: str = typer.Option(..., help="Corpus URI (the job's corpus.uri
           out: Path = typer.Option(..., help="Folder for the models (a rerun resumes here)."),
           reference: Optional[str] = typer.Option(None, help="Reference set URI: the reference model trains on it."),
           text_column: str = typer.Option("text", help="Text column of the corpus and the reference set."),
+          id_column: Optional[str] = typer.Option(None, help="With --job-config: the corpus's id column."),
           storage_options: Optional[str] = typer.Option(None, help="fsspec options (JSON) for the corpus and the "
                                                         "reference set (s3:// etc.); secrets: prefer the environment."),
           arch: str = typer.Option("llama", help="llama or gpt2 (with a tokenizer folder)."),
@@ -142,7 +143,8 @@ def train(corpus: str = typer.Option(..., help="Corpus URI (the job's corpus.uri
                   f"{reused} reused). Job-config lines (also in {out.resolve() / 'models.yaml'}):", markup=False)
     print(yaml.safe_dump(lines, sort_keys=False), end="", flush=True)
     if job_config_out is not None:
-        corpus_section = {"uri": corpus, "text_column": text_column} | ({"storage_options": public} if public else {})
+        corpus_section = {"uri": corpus, "text_column": text_column} | ({"id_column": id_column} if id_column else {}) \
+            | ({"storage_options": public} if public else {})
         root = work_root or str(out.resolve().parent / "work")
         cfg = job_config(lines, method, corpus_section, root, budget_fraction, reference_section)
         from selector.config import parse_config
