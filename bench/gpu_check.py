@@ -236,7 +236,7 @@ def run_check(args) -> dict:
         # 1. embedding
         embed_cfg = EmbedConfig(model=inputs["encoder"], max_tokens=128, dtype="bfloat16" if gpu else "float32",
                                 batch_size=256 if gpu else 64)
-        emb = embed_corpus(corpus_cfg, embed_cfg, workdir, shards, n_workers=1 if gpu else 2, progress=False,
+        emb = embed_corpus(corpus_cfg, embed_cfg, workdir, shards, n_workers=1, progress=False,
                            num_cpus=None if gpu else 1)
         stages.append({"stage": "embed", "device": emb["device"], "dtype": str(embed_cfg.dtype),
                        "docs": emb["documents"], "tokens": emb["encoder_tokens"], "seconds": emb["seconds"],
