@@ -270,6 +270,9 @@ def train_models(tokenizer: str | Path, corpus_texts: list[str], reference_texts
     recorded in each folder. Returns the folders; writes ``models.yaml`` (the job-config lines)
     and ``models.json`` into ``out_dir``.
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' per-save bars would interleave with ours
     s = settings or ModelTrainingConfig()
     source = Path(str(tokenizer).removeprefix("file://")).resolve()
     if not source.is_dir():

@@ -52,6 +52,11 @@ def load_tokenizer(path: str, storage_options: dict | None = None):
 
 
 def _load_model(auto_class, what: str, path: str, dtype, device: str, storage_options: dict | None):
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws a bar per load and per save ("Loading weights", "Writing model shards"): in a job's
+    # log, one per actor, they bury Thresher's own progress
+    hf_logging.disable_progress_bar()
     local = local_model_path(path, storage_options)
     try:
         model = auto_class.from_pretrained(local, local_files_only=True, dtype=dtype)
