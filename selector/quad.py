@@ -1,13 +1,18 @@
 """Quad's selection loop as a pure, resumable state machine (no Ray, no model).
 
-Inputs: every document's ``doc_id``, ``cluster`` and ``n_tokens`` (index + cluster stages),
-the cluster neighbour pairs ``(cluster_a, cluster_b, centroid distance)``, a token budget
-and a seed. The caller scores documents (influence on the reference set); this module
-decides *which* documents to score and which to keep.
+Inputs: the cluster queues (:mod:`selector.cluster_queues`: every document's ``doc_id``, shard,
+row and ``n_tokens``, per cluster in seeded hash order -- in memory from columns, or read a block at
+a time from the per-cluster files the queue step wrote to the work dir, :meth:`QuadSelector.on_store`),
+the cluster neighbour pairs ``(cluster_a, cluster_b, centroid distance)``, a token budget and a seed.
+The caller scores documents (influence on the reference set); this module decides *which* documents
+to score and which to keep. Its own state is O(clusters + rounds + kept ranges): per-arm statistics, a
+cursor per queue, the kept queue ranges and the round log; it reads only the blocks it plans (and, once,
+the front of every queue for the warm-up), so over the on-disk store nothing O(documents) is in memory.
 
 Queues and blocks. Each cluster's documents are put in a seeded order (hash order:
-BLAKE2b(seed, doc_id), the same key as the ``random`` method) and consumed front to back in
-blocks of ``block_size`` documents (the last block of a cluster may be shorter). A block is
+BLAKE2b(seed, doc_id), the same key as the ``random`` method; ties keep the input order) and
+consumed front to back in blocks of ``block_size`` documents (the last block of a cluster may be
+shorter). A block is
 consumed whether or not anything of it is kept, so a cluster is *exhausted* when its queue is
 empty, and then leaves the bandit.
 
@@ -73,8 +78,10 @@ off by default, fills the rest with the best rejected blocks or scored documents
 ``kind: fill`` record), or after ``max_rounds`` bandit rounds.
 
 Resuming. :meth:`QuadSelector.to_dict` holds only the dynamic state (cursors, bandit statistics,
-kept ranges, pending expansions, thresholds, the round log) plus fingerprints of the documents and
-neighbours; the document table is static input that :meth:`QuadSelector.from_dict` takes again.
+kept ranges, pending expansions, thresholds, the round log) plus fingerprints of the documents (the
+queue store's: per-cluster sizes, tokens and content hashes, :func:`selector.cluster_queues.store_fingerprint`)
+and neighbours; the queues are static input that :meth:`QuadSelector.from_dict` takes again (columns
+or ``store=``; a checkpoint taken over one store resumes over the other).
 Restoring and continuing gives exactly the uninterrupted run. The round log can be split off
 (``to_dict(history_since=n)`` / ``from_dict(..., history_prefix=...)``).
 
@@ -105,10 +112,10 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from selector.bandit import UCBBandit, robust_scale
+from selector.cluster_queues import ClusterQueues, ClusterQueueStore, QueueEntries
 from selector.config_base import StrictModel
-from selector.index import hash_keys
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: the documents fingerprint is the queue store's (per-cluster sizes, tokens, hashes)
 BOOTSTRAP_DRAWS = 4000
 
 
@@ -279,63 +286,6 @@ def calibrate(config: QuadConfig, scores: np.ndarray, n_tokens: np.ndarray, clus
     return Thresholds(doc, block, gate, p, scale)
 
 
-class ClusterQueues:
-    """Documents grouped by cluster, each cluster in seeded hash order (shared with the baselines)."""
-
-    def __init__(self, doc_ids: Sequence[str], clusters: Sequence[int], n_tokens: Sequence[int], seed: int):
-        ids = [str(d) for d in doc_ids]
-        clusters = np.asarray(clusters, dtype=np.int64)
-        tokens = np.asarray(n_tokens, dtype=np.int64)
-        if not (len(ids) == clusters.shape[0] == tokens.shape[0]):
-            raise ValueError(f"doc_ids, clusters and n_tokens differ in length: "
-                             f"{len(ids)}, {clusters.shape[0]}, {tokens.shape[0]}")
-        if len(set(ids)) != len(ids):
-            raise ValueError("doc_ids are not unique")
-        if (tokens < 0).any():
-            raise ValueError("n_tokens must be >= 0")
-        keys = hash_keys(ids, seed) if ids else np.zeros(0)
-        order = np.lexsort((keys, clusters))  # cluster-major, hash order inside a cluster
-        self.order = order  # queue position -> position in the caller's input
-        self.doc_ids = np.array(ids, dtype=object)[order] if ids else np.array([], dtype=object)
-        self.clusters = clusters[order]
-        self.n_tokens = tokens[order]
-        self.keys = keys[order]
-        self.cluster_ids, starts = np.unique(self.clusters, return_index=True)
-        self.starts = starts.astype(np.int64)
-        self.ends = np.append(self.starts[1:], len(ids)).astype(np.int64)
-        self._pos = {int(c): i for i, c in enumerate(self.cluster_ids)}
-        self._fingerprint: str | None = None
-
-    def __len__(self) -> int:
-        return len(self.doc_ids)
-
-    def index(self, cluster: int) -> int:
-        return self._pos[int(cluster)]
-
-    def size(self, cluster: int) -> int:
-        i = self._pos[int(cluster)]
-        return int(self.ends[i] - self.starts[i])
-
-    def slice(self, cluster: int, start: int, stop: int) -> slice:
-        """Global positions of a cluster's queue positions ``[start, stop)``."""
-        base = int(self.starts[self._pos[int(cluster)]])
-        return slice(base + start, base + stop)
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:  # the queues never change: hash once
-            self._fingerprint = self._hash()
-        return self._fingerprint
-
-    def _hash(self) -> str:
-        h = hashlib.sha256()
-        h.update("\n".join(self.doc_ids.tolist()).encode())
-        h.update(self.clusters.tobytes())
-        h.update(self.n_tokens.tobytes())
-        return h.hexdigest()[:32]
-
-
-
-
 def neighbours_fingerprint(bandit: UCBBandit) -> str:
     return hashlib.sha256(repr(bandit.neighbour_triples()).encode()).hexdigest()[:32]
 
@@ -351,6 +301,8 @@ class RoundItem:
     stop: int = 0
     ucb: float | None = None
     positions: tuple[int, ...] = ()  # queue positions of ``sample`` (absolute within the cluster)
+    shards: tuple = ()               # shard of each ``sample`` document (None where the store has none)
+    rows: tuple[int, ...] = ()       # row of each ``sample`` document in its shard (-1 where unknown)
 
 
 @dataclass(frozen=True)
@@ -366,7 +318,8 @@ class RoundPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"round": self.round, "kind": self.kind,
                 "items": [{"cluster": it.cluster, "block": it.block, "sample": it.sample, "start": it.start,
-                           "stop": it.stop, "ucb": it.ucb} for it in self.items]}
+                           "stop": it.stop, "ucb": it.ucb, "shards": list(it.shards), "rows": list(it.rows)}
+                          for it in self.items]}
 
 
 class QuadSelector:
@@ -374,13 +327,27 @@ class QuadSelector:
 
     def __init__(self, config: QuadConfig, doc_ids: Sequence[str], clusters: Sequence[int],
                  n_tokens: Sequence[int], budget_tokens: int, neighbours: Iterable[Sequence] = (), seed: int = 0):
+        self._setup(config, ClusterQueues(doc_ids, clusters, n_tokens, int(seed)), budget_tokens, neighbours, seed)
+
+    @classmethod
+    def on_store(cls, config: QuadConfig, store: ClusterQueueStore, budget_tokens: int,
+                 neighbours: Iterable[Sequence] = (), seed: int = 0) -> "QuadSelector":
+        """A selector over queues already built (e.g. :class:`selector.cluster_queues.DiskClusterQueues`)."""
+        q = cls.__new__(cls)
+        q._setup(config, store, budget_tokens, neighbours, seed)
+        return q
+
+    def _setup(self, config: QuadConfig, store: ClusterQueueStore, budget_tokens: int,
+               neighbours: Iterable[Sequence], seed: int) -> None:
         self.config = config
         self.seed = int(seed)
         self.budget = int(budget_tokens)
         if self.budget < 0:
             raise ValueError("budget_tokens must be >= 0")
-        self.queues = ClusterQueues(doc_ids, clusters, n_tokens, self.seed)
-        total = int(self.queues.n_tokens.sum())
+        if int(store.seed) != self.seed:
+            raise ValueError(f"the queues are in the hash order of seed {store.seed}, the selector's seed is {self.seed}")
+        self.queues = store
+        total = self.queues.total_tokens
         self.budget_share = self.budget / total if total else 1.0
         self.bandit = UCBBandit(self.queues.cluster_ids.tolist(), alpha=config.alpha, seed=self.seed,
                                 neighbours=neighbours, radius=config.neighbour_radius, propagate=config.propagate)
@@ -399,6 +366,7 @@ class QuadSelector:
         self.scored = 0
         self.history: list[dict] = []
         self.stop_reason: str | None = None
+        self._warmup_counts: dict[int, int] | None = None  # round 0 only: warm-up documents per cluster
         self._check_stop()
 
     # -- thresholds ------------------------------------------------------------------------
@@ -491,39 +459,34 @@ class QuadSelector:
             i = self.queues.index(cluster)
             start = int(self.cursor[i])
             stop = min(start + self.config.block_size, self.queues.size(cluster))
-            block = self.queues.doc_ids[self.queues.slice(cluster, start, stop)].tolist()
+            entries = self.queues.read(cluster, start, stop)
             if self.config.accept == "documents":
-                picks = np.arange(len(block))
+                picks = np.arange(len(entries))
             else:
-                n = sample_size(len(block), self.config.sample_ratio, self.config.min_sample)
-                picks = np.sort(seeded_rng(self.seed, 1, cluster, start).choice(len(block), size=n, replace=False))
-            items.append(RoundItem(cluster, block, [block[p] for p in picks], start, stop, ucb,
-                                   tuple(int(start + p) for p in picks)))
+                n = sample_size(len(entries), self.config.sample_ratio, self.config.min_sample)
+                picks = np.sort(seeded_rng(self.seed, 1, cluster, start).choice(len(entries), size=n, replace=False))
+            items.append(_item(cluster, entries, picks.tolist(), start, stop, ucb))
         return RoundPlan(self.next_round, "bandit", items)
 
     def _warmup_items(self) -> list[RoundItem]:
-        n = min(self.config.warmup_size, len(self.queues))
-        if n == 0:
+        if self.next_round != 0:
             return []
+        if self._warmup_counts is None:  # computed once: the store reads every cluster's queue front
+            self._warmup_counts = self.queues.smallest_keys_counts(self.config.warmup_size)
         # Smallest hash keys corpus-wide = a uniform sample, and the front of each cluster's queue.
-        picks = np.sort(np.argsort(self.queues.keys, kind="stable")[:n])  # cluster-major, then hash order
         items = []
-        for cluster in np.unique(self.queues.clusters[picks]).tolist():
-            mine = picks[self.queues.clusters[picks] == cluster]
-            ids = self.queues.doc_ids[mine].tolist()
-            base = int(self.queues.starts[self.queues.index(cluster)])
-            pos = tuple(int(p - base) for p in mine)
-            assert pos == tuple(range(len(pos))), "warm-up documents are a queue prefix"
-            items.append(RoundItem(int(cluster), ids, ids, 0, len(ids), None, pos))
+        for cluster, n in sorted(self._warmup_counts.items()):
+            entries = self.queues.read(cluster, 0, n)
+            items.append(_item(cluster, entries, list(range(n)), 0, n, None))
         return items
 
     def _expand_items(self) -> list[RoundItem]:
         items = []
         for cluster, start, stop, _rnd, sampled in self.pending:
-            block = self.queues.doc_ids[self.queues.slice(cluster, start, stop)].tolist()
-            rest = [p for p in range(start, stop) if p not in set(sampled)]
-            items.append(RoundItem(int(cluster), block, [block[p - start] for p in rest], start, stop, None,
-                                   tuple(rest)))
+            entries = self.queues.read(cluster, start, stop)
+            done = set(sampled)
+            rest = [p - start for p in range(start, stop) if p not in done]
+            items.append(_item(int(cluster), entries, rest, start, stop, None))
         return items
 
     # -- applying scores -------------------------------------------------------------------
@@ -613,10 +576,8 @@ class QuadSelector:
         allscores = np.concatenate(per_item) if per_item else np.zeros(0)
         if allscores.size == 0:
             raise ValueError("the warm-up round has no scores")
-        pos = [np.asarray(it.positions, np.int64) + int(self.queues.starts[self.queues.index(it.cluster)])
-               for it in plan.items]
-        tokens = np.concatenate([self.queues.n_tokens[p] for p in pos])
-        clusters = np.concatenate([np.full(len(p), it.cluster) for p, it in zip(pos, plan.items)])
+        tokens = np.concatenate([self.queues.read(it.cluster, it.start, it.stop).n_tokens for it in plan.items])
+        clusters = np.concatenate([np.full(len(it.positions), it.cluster) for it in plan.items])
         self.thresholds = calibrate(self.config, allscores, tokens, clusters, self.budget_share, self.seed)
         t = self.thresholds
         rec = self._new_record(plan)
@@ -690,7 +651,7 @@ class QuadSelector:
 
     def _accept_range(self, cluster: int, start: int, stop: int, rnd: int, score: float) -> tuple[int, int]:
         """Take the range's longest prefix that fits the budget; returns (documents, tokens)."""
-        block_tokens = self.queues.n_tokens[self.queues.slice(cluster, start, stop)]
+        block_tokens = self.queues.read(cluster, start, stop).n_tokens
         take = int(np.searchsorted(np.cumsum(block_tokens), self.budget - self.used_tokens, side="right"))
         tokens = int(block_tokens[:take].sum())
         if take < len(block_tokens):
@@ -738,10 +699,10 @@ class QuadSelector:
         order; ``score`` = the document's own influence, or its block's sample mean under ``block``)."""
         out: dict[str, list] = {"doc_id": [], "cluster": [], "n_tokens": [], "score": [], "round": []}
         for cluster, start, stop, rnd, score in self.accepted:
-            sl = self.queues.slice(cluster, start, stop)
+            entries = self.queues.read(cluster, start, stop)
             n = stop - start
-            out["doc_id"].extend(self.queues.doc_ids[sl].tolist())
-            out["n_tokens"].extend(self.queues.n_tokens[sl].tolist())
+            out["doc_id"].extend(entries.doc_id)
+            out["n_tokens"].extend(entries.n_tokens.tolist())
             out["cluster"].extend([int(cluster)] * n)
             out["score"].extend([float(score)] * n)
             out["round"].extend([int(rnd)] * n)
@@ -809,14 +770,21 @@ class QuadSelector:
         }
 
     @classmethod
-    def from_dict(cls, state: dict[str, Any], doc_ids: Sequence[str], clusters: Sequence[int],
-                  n_tokens: Sequence[int], neighbours: Iterable[Sequence] = (),
-                  history_prefix: Sequence[dict] = ()) -> "QuadSelector":
-        """Restore a checkpoint for the same documents and neighbours (else :class:`StateMismatch`)."""
+    def from_dict(cls, state: dict[str, Any], doc_ids: Sequence[str] | None = None,
+                  clusters: Sequence[int] | None = None, n_tokens: Sequence[int] | None = None,
+                  neighbours: Iterable[Sequence] = (), history_prefix: Sequence[dict] = (),
+                  store: ClusterQueueStore | None = None) -> "QuadSelector":
+        """Restore a checkpoint for the same documents and neighbours (else :class:`StateMismatch`).
+        The documents are given as columns (``doc_ids, clusters, n_tokens``) or as a queue ``store``."""
         if state.get("version") != STATE_VERSION:
             raise StateMismatch(f"unsupported quad state version {state.get('version')!r}")
         config = QuadConfig.model_validate(state["config"])
-        q = cls(config, doc_ids, clusters, n_tokens, state["budget"], neighbours, state["seed"])
+        if store is None:
+            store = ClusterQueues(doc_ids, clusters, n_tokens, int(state["seed"]))
+        elif int(store.seed) != int(state["seed"]):
+            raise StateMismatch(f"the queues are in the hash order of seed {store.seed}, the checkpoint's is "
+                                f"{state['seed']}")
+        q = cls.on_store(config, store, state["budget"], neighbours, state["seed"])
         if q.queues.fingerprint() != state["documents"]:
             raise StateMismatch("the checkpoint was taken over different documents (ids, clusters or tokens)")
         if q._neighbours_fp != state["neighbours"]:
@@ -830,6 +798,8 @@ class QuadSelector:
         q.tau_validation = state["tau_validation"]
         q.used_tokens = int(state["used_tokens"])
         q.scored = int(state["scored"])
+        if len(state["cursor"]) != len(q.queues.cluster_ids):
+            raise StateMismatch("the checkpoint has a cursor per cluster of another cluster set")
         q.cursor = np.array(state["cursor"], np.int64)
         q.accepted = [list(a) for a in state["accepted"]]
         q.rejected = [list(r) for r in state["rejected"]]
@@ -845,7 +815,7 @@ def load_cluster_inputs(workdir, keys: Iterable[str]) -> tuple[dict[str, np.ndar
     Reads ``cluster/<key>.parquet`` for each shard key and ``cluster_summary/neighbours.parquet``
     (see :mod:`selector.clustering`) from the work dir ``workdir`` (a :class:`selector.workdir.WorkDir`).
     """
-    from selector.clustering import ASSIGN_STAGE, SUMMARY_STAGE
+    from selector.clustering import ASSIGN_STAGE
 
     ids: list[str] = []
     clusters, tokens = [], []
@@ -857,7 +827,22 @@ def load_cluster_inputs(workdir, keys: Iterable[str]) -> tuple[dict[str, np.ndar
     docs = {"doc_id": ids,
             "cluster": np.concatenate(clusters) if clusters else np.zeros(0, np.int64),
             "n_tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.int64)}
+    return docs, load_cluster_neighbours(workdir)
+
+
+def load_cluster_neighbours(workdir) -> list[tuple[int, int, float]]:
+    """The cluster stage's neighbour pairs ``(cluster, neighbour, distance)`` (both directions)."""
+    from selector.clustering import SUMMARY_STAGE
+
     nb = workdir.read_table(SUMMARY_STAGE, "neighbours")
-    neighbours = list(zip(nb.column("cluster").to_pylist(), nb.column("neighbour").to_pylist(),
-                          nb.column("distance").to_pylist()))
-    return docs, neighbours
+    return list(zip(nb.column("cluster").to_pylist(), nb.column("neighbour").to_pylist(),
+                    nb.column("distance").to_pylist()))
+
+
+def _item(cluster: int, entries: QueueEntries, picks: Sequence[int], start: int, stop: int,
+          ucb: float | None) -> RoundItem:
+    """A round item for the block ``entries`` (queue positions ``[start, stop)``) scoring ``picks``
+    (offsets into the block)."""
+    return RoundItem(int(cluster), list(entries.doc_id), [entries.doc_id[p] for p in picks], int(start), int(stop),
+                     ucb, tuple(int(start + p) for p in picks), tuple(entries.shard[p] for p in picks),
+                     tuple(int(entries.row[p]) for p in picks))
