@@ -158,16 +158,17 @@ class RefreshHooks:
         return dict(clustered, refit=refit, drift=ratio)
 
     # -- quad: the bandit starts from the previous run's arm statistics ----------------------
-    def prepare_bandit(self, job, keys: list[str]) -> dict:
-        from selector.quad import QuadSelector, load_cluster_inputs
+    def prepare_bandit(self, job) -> dict:
+        from selector.cluster_queues import DiskClusterQueues
+        from selector.quad import QuadSelector, load_cluster_neighbours
 
         if self.previous is None:  # first run of the lineage: a checkpoint here can only be its own
             self.bandit_info = {"carried_arms": 0, "reason": "first run of the lineage"}
             return self.bandit_info
-        docs, neighbours = load_cluster_inputs(job.workdir, keys)
         cfg = job.config
-        quad = QuadSelector(cfg.quad, docs["doc_id"], docs["cluster"], docs["n_tokens"], job.budget, neighbours,
-                            cfg.seed)
+        # the queues the select job's queue stage wrote (O(clusters) metadata, blocks read on demand)
+        quad = QuadSelector.on_store(cfg.quad, DiskClusterQueues(job.workdir), job.budget,
+                                     load_cluster_neighbours(job.workdir), cfg.seed)
         seed_mark = {"from_run_id": self.previous["run_id"], "documents": quad.queues.fingerprint()}
         state = job.workdir.read_state("bandit")
         if job.workdir.read_state(BANDIT_SEED_STATE) == seed_mark and state is not None and \

@@ -202,11 +202,12 @@ def select_quad(job: Job):
     from workers.influence_stage import influence_score_fn, prepare_influence
 
     keys, stages = embed_and_cluster(job)
+    stages["cluster_queues"] = cluster_queues(job, keys)
     owners = job.owners()
     workers = prepare_influence(job.config, job.workdir, job.readers, owners, job.progress, job.log)
     if job.hooks is not None:  # a refresh: seed the bandit with the previous run's arm statistics
-        stages["bandit_carry"] = job.hooks.prepare_bandit(job, keys)
-    bandit = start_bandit(job.workdir, job.config.quad, job.budget, job.config.seed, cluster_keys=keys)
+        stages["bandit_carry"] = job.hooks.prepare_bandit(job)
+    bandit = start_bandit(job.workdir, job.config.quad, job.budget, job.config.seed)  # reads the queues
     status = run_quad_rounds(bandit, influence_score_fn(workers, job.readers, owners), job.progress, job.log,
                              calibrate_fn=tau_calibration(job, owners))
     chosen = ray.get(bandit.selection.remote())
@@ -386,6 +387,20 @@ def embed_and_cluster(job: Job) -> tuple[list[str], dict]:
               "cluster": {k: clustered[k] for k in ("k", "neighbour_pairs", "empty_clusters", "fit_skipped",
                                                     "shards_assigned", "refit", "drift") if k in clustered}}
     return embedded["keys"], stages
+
+
+def cluster_queues(job: Job, keys: list[str]) -> dict:
+    """Stage 3b (quad): every cluster's queue in seeded hash order, one Parquet file per cluster in the
+    work dir (selector.cluster_queues; a loop in the driver, one shard then one cluster partition in
+    memory at a time). Entries name their shard by its path relative to the corpus."""
+    from selector.cluster_queues import write_cluster_queues
+    from selector.workdir import shard_key
+
+    names = {shard_key(s.relpath): s.relpath for s in job.shards}
+    info = write_cluster_queues(job.workdir, keys, job.config.seed, shard_names=names)
+    job.log(f"cluster queues: {info['clusters']} clusters, {info['documents']:,} documents"
+            + (" (already written)" if info["skipped"] else ""))
+    return {k: info[k] for k in ("clusters", "documents", "skipped")}
 
 
 def loss_workers(job: Job) -> list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 
 import numpy as np
@@ -136,3 +137,42 @@ def test_checkpoint_of_another_config_is_not_resumed(ray_local, tmp_path):
     assert ray.get(second.selection.remote()) == expected.selection()
     assert workdir.read_state("bandit")["config"]["alpha"] == 2.0
     ray.kill(second)
+
+
+def test_bandit_state_is_o_clusters_checkpoint_and_memory_do_not_grow_with_the_corpus(ray_local, tmp_path):
+    """Same clusters and budget, a corpus of N and of 10N documents: the actor reads the queues from the
+    work dir, and its checkpoint bytes and every array/container it holds are the same size."""
+    import ray
+
+    from selector.cluster_queues import DiskClusterQueues
+    from workers.bandit import run_quad_rounds, start_bandit
+
+    cfg = QuadConfig(accept="block", arms_per_round=2, block_size=8, tau=0.0, warmup_size=0, alpha=0.5)
+    budget = 1000  # 100 documents of 10 tokens: 13 blocks, so no cluster runs out even at N
+    n_small = N_CLUSTERS * 100
+
+    def cluster_score(requests):  # depends on the cluster only, so both corpora see the same rewards
+        return [[float(MEANS[cluster]) for _ in sample] for cluster, sample in requests]
+
+    measured = {}
+    for n_per_cluster in (100, 1000):
+        ids = [f"c{c}/d{i}" for c in range(N_CLUSTERS) for i in range(n_per_cluster)]
+        clusters = np.repeat(np.arange(N_CLUSTERS), n_per_cluster)
+        workdir = WorkDir(str(tmp_path / f"work-{n_per_cluster}"), f"quad-scale-{n_per_cluster}")
+        keys = write_cluster_stage(workdir, ids, clusters, [10] * len(ids), n_shards=4)
+        bandit = start_bandit(workdir, cfg, budget, seed=5, cluster_keys=keys)
+        status = run_quad_rounds(bandit, cluster_score, progress=False)
+        assert status["stop_reason"] == "budget" and status["used_tokens"] == budget
+        footprint = ray.get(bandit.footprint.remote())
+        state_bytes = workdir.fs.cat_file(f"{workdir.path}/state/bandit.json")
+        state = json.loads(state_bytes)
+        assert state["documents"] == DiskClusterQueues(workdir).fingerprint()  # from the queue metadata
+        measured[n_per_cluster] = (len(state_bytes), footprint, ray.get(bandit.selection.remote()))
+        ray.kill(bandit)
+    (small_bytes, small, small_sel), (big_bytes, big, big_sel) = measured[100], measured[1000]
+    assert len(small_sel["doc_id"]) == len(big_sel["doc_id"]) == 100
+    assert big_bytes <= small_bytes  # the checkpoint does not grow with the corpus
+    cached = [(f.pop("queues._cache"), f.pop("queues.cached_rows")) for f in (small, big)]
+    assert big == small  # no array or container grows with the corpus ...
+    assert max(big.values()) < n_small  # ... and none is as long as even the small corpus
+    assert all(groups <= 16 and rows <= 16 * 4096 for groups, rows in cached)  # the row-group LRU is bounded

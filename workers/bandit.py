@@ -1,6 +1,11 @@
 """BanditActor: Quad's central bandit as a named Ray actor, checkpointed every round.
 
-Thin over :class:`selector.quad.QuadSelector`. One actor per run (named from the run id,
+Thin over :class:`selector.quad.QuadSelector`. The actor is started with the work dir, where the
+queue step (:func:`selector.cluster_queues.write_cluster_queues`) wrote every cluster's queue; it
+holds O(clusters) state -- per-arm statistics, a cursor per queue, the queue store's metadata and a
+small LRU of row groups -- plus the kept queue ranges and the round log, and reads from the queue
+files the blocks it plans. (Tests and small runs may give ``docs`` instead: an in-memory store.)
+Each plan item carries the sampled documents' ids, shards and rows. One actor per run (named from the run id,
 ``get_if_exists``), so a driver that restarts finds the running actor, and an actor that
 restarts (or a new job on the same work dir) resumes from the work dir:
 
@@ -11,7 +16,9 @@ The checkpoint is written after every round (segments first, then ``bandit.json`
 atomically), so a crash loses at most the round being scored: the plan of that round is a
 pure function of the checkpoint and is re-issued identically. A checkpoint taken under a
 different Quad config, seed, budget, document set or neighbour set is not resumed: the
-actor starts afresh and says why in :meth:`BanditActor.status`.
+actor starts afresh and says why in :meth:`BanditActor.status`. The document set is checked
+by the queue store's fingerprint (per-cluster sizes, token totals and content hashes that the
+queue step wrote), never by hashing every id; the checkpoint is O(clusters + kept ranges + rounds).
 
 The driver loop (:func:`run_quad_rounds`) asks for a plan, has ``score_fn`` compute the
 sampled documents' influences (shard readers + influence workers, in parallel), and reports
@@ -26,7 +33,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import ray
 
-from selector.quad import QuadConfig, QuadSelector, StateMismatch, load_cluster_inputs
+from selector.cluster_queues import ClusterQueues, DiskClusterQueues, write_cluster_queues
+from selector.quad import QuadConfig, QuadSelector, StateMismatch, load_cluster_neighbours
 from selector.workdir import WorkDir
 
 STATE_NAME = "bandit"
@@ -41,12 +49,13 @@ def _history_name(segment: int) -> str:
     return f"{STATE_NAME}-history-{segment:06d}"
 
 
-def _columns(docs: Any) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``doc_id, cluster, n_tokens`` from a pyarrow table or a mapping of columns."""
+def _memory_store(docs: Any, seed: int) -> ClusterQueues:
+    """An in-memory queue store from ``doc_id, cluster, n_tokens`` (and optional ``shard, row``)
+    columns: a pyarrow table or a mapping of columns."""
     if hasattr(docs, "column_names"):  # pyarrow.Table
-        return (docs.column("doc_id").to_pylist(), docs.column("cluster").to_numpy().astype(np.int64),
-                docs.column("n_tokens").to_numpy().astype(np.int64))
-    return list(docs["doc_id"]), np.asarray(docs["cluster"], np.int64), np.asarray(docs["n_tokens"], np.int64)
+        docs = {name: docs.column(name).to_pylist() for name in docs.column_names}
+    return ClusterQueues(list(docs["doc_id"]), np.asarray(docs["cluster"], np.int64),
+                         np.asarray(docs["n_tokens"], np.int64), seed, docs.get("shard"), docs.get("row"))
 
 
 @ray.remote
@@ -54,15 +63,14 @@ class BanditActor:
     """The Quad state machine behind a Ray handle; see the module docstring."""
 
     def __init__(self, work: tuple, config: dict, budget_tokens: int, seed: int, docs: Any = None,
-                 neighbours: Sequence[Sequence] | None = None, cluster_keys: Sequence[str] | None = None):
+                 neighbours: Sequence[Sequence] | None = None):
         self.workdir = WorkDir(*work)
         cfg = QuadConfig.model_validate(config)
-        if docs is None:
-            if cluster_keys is None:
-                raise ValueError("give docs (doc_id, cluster, n_tokens) or cluster_keys to read them from the work dir")
-            docs, loaded = load_cluster_inputs(self.workdir, cluster_keys)
-            neighbours = loaded if neighbours is None else neighbours
-        ids, clusters, tokens = _columns(docs)
+        if docs is None:  # the queues the queue step wrote to the work dir
+            store = DiskClusterQueues(self.workdir)
+            neighbours = load_cluster_neighbours(self.workdir) if neighbours is None else neighbours
+        else:
+            store = _memory_store(docs, int(seed))
         neighbours = list(neighbours or [])
         self.resumed = False
         self.discarded: str | None = None
@@ -76,12 +84,13 @@ class BanditActor:
             else:
                 try:
                     prefix = self._read_history(int(state["history_offset"]))
-                    self.quad = QuadSelector.from_dict(state, ids, clusters, tokens, neighbours, prefix)
+                    self.quad = QuadSelector.from_dict(state, neighbours=neighbours, history_prefix=prefix,
+                                                       store=store)
                     self.resumed = True
                 except (StateMismatch, FileNotFoundError, KeyError) as exc:
                     self.discarded = f"checkpoint not usable: {exc}"
         if self.quad is None:
-            self.quad = QuadSelector(cfg, ids, clusters, tokens, budget_tokens, neighbours, seed)
+            self.quad = QuadSelector.on_store(cfg, store, budget_tokens, neighbours, seed)
         self._segments_written = len(self.quad.history) // HISTORY_SEGMENT if self.resumed else 0
 
     # -- the loop --------------------------------------------------------------------------
@@ -148,6 +157,20 @@ class BanditActor:
         """``manifest.json["quad"]``: settings, tau, reward scale, stop reason, round log."""
         return self.quad.summary()
 
+    def footprint(self) -> dict[str, int]:
+        """Lengths of the arrays and containers the actor holds (the selector, its bandit, its queue
+        store), plus ``queues.cached_rows``: what tests check to see that nothing grows with the corpus."""
+        out: dict[str, int] = {}
+        for prefix, obj in (("quad", self.quad), ("bandit", self.quad.bandit), ("queues", self.quad.queues)):
+            for name, value in vars(obj).items():
+                if isinstance(value, np.ndarray):
+                    out[f"{prefix}.{name}"] = int(value.size)
+                elif isinstance(value, (list, tuple, dict, set)):
+                    out[f"{prefix}.{name}"] = len(value)
+        if hasattr(self.quad.queues, "cached_rows"):
+            out["queues.cached_rows"] = self.quad.queues.cached_rows()
+        return out
+
     def status(self) -> dict:
         q = self.quad
         return {"round": q.next_round, "phase": q.phase, "done": q.done, "stop_reason": q.stop_reason,
@@ -160,12 +183,19 @@ def start_bandit(workdir: WorkDir, config: QuadConfig | dict, budget_tokens: int
                  neighbours: Sequence[Sequence] | None = None, cluster_keys: Sequence[str] | None = None,
                  num_cpus: float = 0.1):
     """The run's bandit actor: the live one if it exists (its arguments then are not used),
-    else a new one that resumes from the work dir's checkpoint when there is a usable one."""
+    else a new one that resumes from the work dir's checkpoint when there is a usable one.
+
+    The actor reads the cluster queues from the work dir (``docs=None``); with ``cluster_keys``
+    the queue step runs first, here (skipped when its output is done under the same hash). ``docs``
+    (columns ``doc_id, cluster, n_tokens``, optionally ``shard, row``) gives an in-memory store instead.
+    """
     cfg = config.model_dump(mode="json") if isinstance(config, QuadConfig) else dict(config)
+    if docs is None and cluster_keys is not None:
+        write_cluster_queues(workdir, cluster_keys, int(seed))
     work = (workdir.root, workdir.run_id, workdir.storage_options)
     return BanditActor.options(name=bandit_actor_name(workdir.run_id), get_if_exists=True,
                                num_cpus=num_cpus).remote(work, cfg, int(budget_tokens), int(seed), docs=docs,
-                                                         neighbours=neighbours, cluster_keys=cluster_keys)
+                                                         neighbours=neighbours)
 
 
 ScoreFn = Callable[[list[tuple[int, list[str]]]], Sequence[Sequence[float]]]
