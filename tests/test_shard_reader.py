@@ -51,6 +51,35 @@ def test_reads_by_id_and_random_samples_are_layout_independent(ray_local, corpus
     assert samples[0] == expected
 
 
+def test_reads_by_shard_and_row_equal_reads_by_id(ray_local, corpus_dir, tmp_path, tiny_tokenizer_dir):
+    """The located path (shard routes from the listing, reads per shard) against the by-id path."""
+    import ray
+
+    from workers.shard_reader import (owner_map, random_sample, random_sample_located, read_located, read_texts,
+                                      shard_routes)
+
+    root, _ = corpus_dir
+    for n in (1, 3):
+        readers = readers_for(root, tiny_tokenizer_dir, tmp_path / f"w{n}", n)
+        routes = shard_routes(readers)
+        assert sorted(routes) == ["s0.parquet", "s1.jsonl.gz", "s2.jsonl"] and len(set(routes.values())) == n
+        index = [t for t in ray.get([r.index_table.remote() for r in readers]) if t is not None]
+        ids = [d for t in index for d in t["doc_id"].to_pylist()][::-1]  # every document, shards interleaved
+        where = {d: (s, r) for t in index for d, s, r in zip(t["doc_id"].to_pylist(), t["shard"].to_pylist(),
+                                                             t["row"].to_pylist())}
+        by_id = read_texts(readers, owner_map(readers), ids)
+        assert read_located(readers, routes, [where[d][0] for d in ids], [where[d][1] for d in ids]) == by_id
+        sample = random_sample_located(readers, 12, seed=4)
+        assert sample["doc_id"] == random_sample(readers, 12, seed=4)
+        assert [(s, r) for s, r in zip(sample["shard"], sample["row"])] == [where[d] for d in sample["doc_id"]]
+        assert read_located(readers, routes, sample["shard"], sample["row"]) == \
+            read_texts(readers, owner_map(readers), sample["doc_id"])
+        with pytest.raises(KeyError, match="unknown shard"):
+            read_located(readers, routes, ["nope.jsonl"], [0])
+        with pytest.raises(ray.exceptions.RayTaskError, match="not indexed documents"):
+            read_located(readers, routes, ["s0.parquet"], [10_000])
+
+
 def test_selector_package_never_imports_ray():
     code = (
         "import importlib, pkgutil, sys, selector\n"

@@ -1,12 +1,24 @@
 """ShardReader: a Ray actor that owns a set of shards, indexes them and serves reads.
 
 Thin over ``selector.corpus`` and ``selector.index``: the actor adds residency (an LRU of
-decoded shards so repeated reads by id don't rescan) and Ray resources.
+decoded shards so repeated reads don't rescan) and Ray resources.
+
+Two ways to read texts from the driver:
+
+* by location -- :func:`shard_routes` (shard relpath -> reader, O(shards)) and :func:`read_located`
+  (``(shard, row)`` pairs, one :meth:`ShardReader.read_rows` call per shard, in parallel). Nothing in
+  the driver grows with the corpus; this is what Quad and ``topk-influence`` use;
+* by id -- :func:`owner_map` (doc_id -> reader, O(documents) in the driver) and :func:`read_texts`,
+  kept for callers that hold only ids.
+
+Both return the same texts: the validated text column of the indexed rows (rows rejected at
+indexing cannot be read either way).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -56,14 +68,15 @@ class ShardReader:
         """Documents in seeded hash order while their cumulative tokens fit in ``max_tokens``."""
         return hash_order_prefix(self.index_table(), seed, max_tokens)
 
-    def sample(self, n: int, seed: int) -> list[str]:
-        """Up to ``n`` of this reader's documents, uniformly at random (the first ``n`` in hash order)."""
+    def sample(self, n: int, seed: int) -> dict[str, list]:
+        """Up to ``n`` of this reader's documents, uniformly at random (the first ``n`` in hash order):
+        columns ``doc_id, shard, row``."""
         table = self.index_table()
         if table is None or n <= 0:
-            return []
+            return {"doc_id": [], "shard": [], "row": []}
         keys = hash_keys(table["doc_id"].to_pylist(), seed)
-        order = np.argsort(keys, kind="stable")[:n]
-        return [table["doc_id"][int(i)].as_py() for i in order]
+        order = pa.array(np.argsort(keys, kind="stable")[:n])
+        return {name: table[name].take(order).to_pylist() for name in ("doc_id", "shard", "row")}
 
     def read(self, doc_ids: list[str]) -> list[str]:
         """Texts of ``doc_ids`` (all owned by this reader), in the order given."""
@@ -75,6 +88,17 @@ class ShardReader:
             relpath, row = self._location[doc_id]
             texts.append(self._shard_texts(relpath)[row])
         return texts
+
+    def read_rows(self, relpath: str, rows: list[int]) -> list[str]:
+        """Texts at ``rows`` of the shard ``relpath`` (owned by this reader), in the order given: the
+        texts :meth:`read` returns for those documents' ids."""
+        if relpath not in self._index:
+            raise KeyError(f"shard {relpath!r} not owned by this reader or not indexed")
+        texts = self._shard_texts(relpath)
+        missing = [r for r in rows if r not in texts]
+        if missing:
+            raise KeyError(f"shard {relpath!r}: rows {missing[:5]} are not indexed documents")
+        return [texts[r] for r in rows]
 
     def _shard_texts(self, relpath: str) -> dict[int, str]:
         if relpath in self._cache:
@@ -143,8 +167,32 @@ def random_selection(readers: list, seed: int, budget_tokens: int) -> pa.Table:
     return merge_hash_order(prefixes, budget_tokens)
 
 
+def shard_routes(readers: list) -> dict[str, int]:
+    """Shard relpath -> index of the reader that owns it (O(shards))."""
+    return {p: i for i, paths in enumerate(ray.get([r.shard_paths.remote() for r in readers])) for p in paths}
+
+
+def read_located(readers: list, routes: dict[str, int], shards: Sequence[str], rows: Sequence[int]) -> list[str]:
+    """Texts of the documents at ``(shards[i], rows[i])`` (shard relpaths), in order: one
+    :meth:`ShardReader.read_rows` call per shard, all in flight at once; O(len(rows)) in the driver."""
+    if len(shards) != len(rows):
+        raise ValueError(f"read_located: {len(shards)} shards but {len(rows)} rows")
+    positions: dict[str, list[int]] = {}
+    for i, shard in enumerate(shards):
+        positions.setdefault(shard, []).append(i)
+    unknown = [s for s in positions if s not in routes]
+    if unknown:
+        raise KeyError(f"unknown shard {unknown[0]!r} (not in the corpus listing)")
+    futures = {s: readers[routes[s]].read_rows.remote(s, [int(rows[i]) for i in pos]) for s, pos in positions.items()}
+    texts: list[str] = [""] * len(rows)
+    for shard, pos in positions.items():
+        for i, text in zip(pos, ray.get(futures[shard])):
+            texts[i] = text
+    return texts
+
+
 def owner_map(readers: list) -> dict[str, int]:
-    """doc_id -> index of the reader that owns it."""
+    """doc_id -> index of the reader that owns it (O(documents) in the caller: prefer :func:`shard_routes`)."""
     tables = ray.get([r.index_table.remote() for r in readers])
     return {doc_id: i for i, t in enumerate(tables) if t is not None for doc_id in t["doc_id"].to_pylist()}
 
@@ -163,14 +211,19 @@ def read_texts(readers: list, owners: dict[str, int], doc_ids: list[str]) -> lis
     return [texts[d] for d in doc_ids]
 
 
+def random_sample_located(readers: list, n: int, seed: int) -> dict[str, list]:
+    """``n`` documents uniformly at random from the whole corpus (same for any reader layout), as
+    columns ``doc_id, shard, row``: each reader's first ``n`` in hash order, merged (O(readers x n))."""
+    parts = ray.get([r.sample.remote(n, seed) for r in readers])
+    columns = {name: [v for p in parts for v in p[name]] for name in ("doc_id", "shard", "row")}
+    order = np.argsort(hash_keys(columns["doc_id"], seed), kind="stable")[:n] if columns["doc_id"] else []
+    return {name: [values[i] for i in order] for name, values in columns.items()}
+
+
 def random_sample(readers: list, n: int, seed: int) -> list[str]:
-    """``n`` documents uniformly at random from the whole corpus (same for any reader layout)."""
-    from selector.index import hash_keys as keys_of
-
-    candidates = [d for ids in ray.get([r.sample.remote(n, seed) for r in readers]) for d in ids]
-    keys = keys_of(candidates, seed)
-    return [candidates[i] for i in np.argsort(keys, kind="stable")[:n]]
+    """The ids of :func:`random_sample_located`."""
+    return random_sample_located(readers, n, seed)["doc_id"]
 
 
-__all__ = ["ShardReader", "assign_shards", "start_shard_readers", "index_corpus", "random_selection", "owner_map",
-           "read_texts", "random_sample"]
+__all__ = ["ShardReader", "assign_shards", "start_shard_readers", "index_corpus", "random_selection", "shard_routes",
+           "read_located", "owner_map", "read_texts", "random_sample_located", "random_sample"]
