@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 # log-line prefix -> the stage the line closes
-STAGE_LINES = [("workers:", "start-up"), ("run ", "start-up"), ("indexed ", "index"), ("embed:", "embed"), ("cluster:", "cluster"), ("cluster queues:", "cluster queues"),
+STAGE_LINES = [("workers:", "start-up"), ("run ", "start-up"), ("indexed ", "index"), ("embed:", "embed"),
+               ("cluster:", "cluster"), ("cluster queues:", "cluster queues"),
                ("reference: fitting", "influence setup"), ("reference: query", "K-FAC factors + query"),
                ("quad: stopped", "quad rounds"), ("selected ", "selection"), ("manifest:", "manifest commit")]
 
