@@ -34,7 +34,14 @@ from workers.shard_reader import index_corpus, random_selection, start_shard_rea
 
 @dataclass
 class Job:
-    """What every method's pipeline needs: the config, the work dir, the shard readers."""
+    """What every method's pipeline needs: the config, the work dir, the shard readers.
+
+    The driver holds the shard listing (O(shards)); shard readers are found by shard
+    (:func:`workers.shard_reader.shard_routes`). :meth:`documents` is the one O(documents) thing a
+    method can ask for: ``topk-influence`` (it ranks every document), and ``exploration-only``,
+    ``perplexity``, ``rho`` and ``gtp`` (through :func:`rows_from`, and gtp's per-shard split) use it;
+    ``quad`` and ``random`` never do.
+    """
 
     config: JobConfig
     workdir: WorkDir
@@ -48,18 +55,11 @@ class Job:
     _loss_workers: list | None = None
 
     def documents(self) -> pa.Table:
-        """The index of every document (doc_id, shard, row, n_tokens, ...), from the readers."""
+        """The index of every document (doc_id, shard, row, n_tokens, ...), from the readers: O(documents)."""
         if self._documents is None:
             tables = [t for t in ray.get([r.index_table.remote() for r in self.readers]) if t is not None]
             self._documents = pa.concat_tables(tables)
         return self._documents
-
-    def owners(self) -> dict[str, int]:
-        owners: dict[str, int] = {}
-        for i, table in enumerate(ray.get([r.index_table.remote() for r in self.readers])):
-            if table is not None:
-                owners.update(dict.fromkeys(table["doc_id"].to_pylist(), i))
-        return owners
 
 
 def run(config: JobConfig, progress: bool = True, log=print) -> str:
@@ -193,28 +193,32 @@ def check_budget(config: JobConfig, index_stats: dict) -> None:
 
 
 def select_random(job: Job):
+    """The hash-order prefix under the budget, merged from the readers' prefixes (O(selection))."""
     chosen = random_selection(job.readers, job.config.seed, job.budget)
-    return rows_from(job, chosen["doc_id"].to_pylist(), "random"), {}
+    return located_rows(job, chosen.select(["doc_id", "shard", "row", "n_tokens"]).to_pydict(), "random"), {}
 
 
 def select_quad(job: Job):
+    """Quad with nothing O(documents) in the driver: the queues are written shard by shard and
+    partition by partition (:func:`cluster_queues`), the bandit actor holds O(clusters) state, each
+    round's plan (O(round)) names its documents by (shard, row), the shard readers read them, and
+    the selection comes back with its shards and rows (O(selection)) for the manifest."""
     from workers.bandit import run_quad_rounds, start_bandit
     from workers.influence_stage import influence_score_fn, prepare_influence
 
     keys, stages = embed_and_cluster(job)
     stages["cluster_queues"] = cluster_queues(job, keys)
-    owners = job.owners()
-    workers = prepare_influence(job.config, job.workdir, job.readers, owners, job.progress, job.log)
+    workers = prepare_influence(job.config, job.workdir, job.readers, job.progress, job.log)
     if job.hooks is not None:  # a refresh: seed the bandit with the previous run's arm statistics
         stages["bandit_carry"] = job.hooks.prepare_bandit(job)
     bandit = start_bandit(job.workdir, job.config.quad, job.budget, job.config.seed)  # reads the queues
-    status = run_quad_rounds(bandit, influence_score_fn(workers, job.readers, owners), job.progress, job.log,
-                             calibrate_fn=tau_calibration(job, owners))
-    chosen = ray.get(bandit.selection.remote())
+    status = run_quad_rounds(bandit, influence_score_fn(workers, job.readers), job.progress, job.log,
+                             calibrate_fn=tau_calibration(job))
+    chosen = ray.get(bandit.selection.remote(locations=True))
     summary = ray.get(bandit.summary.remote())
     ray.kill(bandit)  # the run is finished; its checkpoint stays in the work dir
-    rows = rows_from(job, chosen["doc_id"], "quad", cluster=chosen["cluster"], score=chosen["score"],
-                     round=chosen["round"])
+    rows = located_rows(job, chosen, "quad", cluster=chosen["cluster"], score=chosen["score"],
+                        round=chosen["round"])
     stages["quad"] = {k: status[k] for k in ("round", "stop_reason", "used_tokens") if k in status}
     return rows, {"quad": summary, "stages": stages}
 
@@ -226,19 +230,21 @@ def _choose_tau_bucket(buckets, model: str, storage_options, validation, **kw) -
     return choose_bucket(buckets, local_model_path(model, storage_options), validation, **kw)
 
 
-def tau_calibration(job: Job, owners):
+def tau_calibration(job: Job):
     """``quad.tau: validate``: a function that picks tau from the warm-up's influence buckets by
     short proxy trainings scored on the held-out part of the reference set (selector.tau_validation),
-    run as one Ray task (a GPU when the cluster has one)."""
+    run as one Ray task (a GPU when the cluster has one). The buckets' texts are read by their
+    (shard, row): O(warm-up)."""
     if job.config.quad.tau != "validate":
         return None
     from workers.influence_stage import query_and_validation_texts
-    from workers.shard_reader import read_texts
+    from workers.shard_reader import read_located, shard_routes
 
     def calibrate(buckets: list[dict]) -> dict:
         _, validation = query_and_validation_texts(job.config, job.log)
+        routes = shard_routes(job.readers)
         for b in buckets:
-            b["texts"] = read_texts(job.readers, owners, b["doc_ids"])
+            b["texts"] = read_located(job.readers, routes, b["shards"], b["rows"])
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         task = ray.remote(num_cpus=job.config.ray.worker_num_cpus, num_gpus=gpus)(_choose_tau_bucket)
         result = ray.get(task.remote(buckets, job.config.proxy_model, job.workdir.storage_options, validation,
@@ -254,14 +260,14 @@ def select_topk_influence(job: Job):
     from selector.baselines import topk_influence
     from workers.influence_stage import influence_score_fn, prepare_influence
 
-    docs = job.documents()
-    owners = job.owners()
-    workers = prepare_influence(job.config, job.workdir, job.readers, owners, job.progress, job.log)
-    scores = score_all(job, influence_score_fn(workers, job.readers, owners), docs["doc_id"].to_pylist())
+    docs = job.documents()  # it ranks every document: O(documents) by definition
+    workers = prepare_influence(job.config, job.workdir, job.readers, job.progress, job.log)
+    scores = score_all(job, influence_score_fn(workers, job.readers), docs)
     positions = topk_influence(docs["doc_id"].to_pylist(), docs["n_tokens"].to_pylist(), scores, job.budget,
                                job.config.seed)
-    ids = [docs["doc_id"][int(i)].as_py() for i in positions]
-    rows = rows_from(job, ids, "topk-influence", score=[float(scores[i]) for i in positions])
+    chosen = docs.take(pa.array(np.asarray(positions, dtype=np.int64)))
+    rows = located_rows(job, chosen.select(["doc_id", "shard", "row", "n_tokens"]).to_pydict(), "topk-influence",
+                        score=[float(scores[i]) for i in positions])
     return rows, {"stages": {"influence": {"scored_documents": len(scores)}}}
 
 
@@ -304,18 +310,20 @@ def select_gtp(job: Job):
     from workers.gtp import TrajectoryFeatureActor, distributed_pursuit
     from workers.influence_stage import reference_texts
     from workers.progress import gather
+    from workers.shard_reader import shard_routes
 
     cfg = job.config.gtp
     docs = job.documents()
     actors = [TrajectoryFeatureActor.options(**model_actor_resources(job)).remote(
         cfg.model_dump(mode="json"), job.workdir.root, job.workdir.run_id, job.workdir.storage_options)
         for _ in range(job.config.ray.influence_workers)]
-    owners = job.owners()
+    routes = shard_routes(job.readers)
     futures, keys = [], []
     for i, shard in enumerate(job.shards):  # stage: per-shard trajectory features, resumable
         part = docs.filter(pc.equal(docs["shard"], shard.relpath))
         ids = part["doc_id"].to_pylist()
-        texts = ray.get(job.readers[owners[ids[0]]].read.remote(ids)) if ids else []
+        texts = ray.get(job.readers[routes[shard.relpath]].read_rows.remote(shard.relpath,
+                                                                            part["row"].to_pylist())) if ids else []
         keys.append(shard_key(shard.relpath))
         futures.append(actors[i % len(actors)].shard.remote(keys[-1], ids, part["row"].to_pylist(), texts,
                                                             part["n_tokens"].to_pylist()))
@@ -452,36 +460,47 @@ def model_identities(config: JobConfig) -> dict:
     return models
 
 
-def score_all(job: Job, score_fn, doc_ids: list[str], chunk: int = 256) -> np.ndarray:
-    """Influence of every document in ``doc_ids`` (in chunks, with progress)."""
+def score_all(job: Job, score_fn, docs: pa.Table, chunk: int = 256) -> np.ndarray:
+    """Influence of every document of ``docs`` (``doc_id, shard, row`` columns), read by location,
+    in chunks, with progress."""
     from tqdm import tqdm
 
+    from workers.bandit import ScoreRequest
+
+    ids, shards, rows = (docs[name].to_pylist() for name in ("doc_id", "shard", "row"))
     scores: list[float] = []
-    with tqdm(total=len(doc_ids), desc="influence", unit="doc", disable=not job.progress, file=sys.stderr,
+    with tqdm(total=len(ids), desc="influence", unit="doc", disable=not job.progress, file=sys.stderr,
               mininterval=0.5) as bar:
-        for start in range(0, len(doc_ids), chunk):
-            part = doc_ids[start:start + chunk]
-            scores.extend(score_fn([(-1, part)])[0])
-            bar.update(len(part))
+        for start in range(0, len(ids), chunk):
+            end = start + chunk
+            scores.extend(score_fn([ScoreRequest(-1, ids[start:end], shards[start:end], rows[start:end])])[0])
+            bar.update(len(ids[start:end]))
     return np.asarray(scores, dtype=np.float64)
 
 
-def rows_from(job: Job, doc_ids: list[str], method: str, **columns: list) -> dict[str, list]:
-    """Manifest rows for ``doc_ids``: shard URI, row and tokens from the index, plus ``columns``."""
-    docs = job.documents()
-    position = {d: i for i, d in enumerate(docs["doc_id"].to_pylist())}
-    take = pa.array([position[d] for d in doc_ids], type=pa.int64())
-    chosen = docs.take(take)
+def located_rows(job: Job, chosen: dict[str, list], method: str, **columns: list) -> dict[str, list]:
+    """Manifest rows from ``chosen`` columns ``doc_id, shard`` (relpath), ``row, n_tokens``, plus
+    ``columns``: shard URIs from the listing (O(shards)), nothing looked up by id."""
     uri_of = {s.relpath: s.uri for s in job.shards}
     rows = {
-        "doc_id": list(doc_ids),
-        "shard": [uri_of[p] for p in chosen["shard"].to_pylist()],
-        "row": chosen["row"].to_pylist(),
-        "n_tokens": chosen["n_tokens"].to_pylist(),
-        "method": [method] * len(doc_ids),
+        "doc_id": list(chosen["doc_id"]),
+        "shard": [uri_of[p] for p in chosen["shard"]],
+        "row": [int(r) for r in chosen["row"]],
+        "n_tokens": [int(n) for n in chosen["n_tokens"]],
+        "method": [method] * len(chosen["doc_id"]),
     }
     rows.update({k: list(v) for k, v in columns.items()})
     return rows
+
+
+def rows_from(job: Job, doc_ids: list[str], method: str, **columns: list) -> dict[str, list]:
+    """Manifest rows for ``doc_ids``, located through the index (:meth:`Job.documents`: O(documents);
+    the methods that select by id use it: exploration-only, perplexity, rho, gtp)."""
+    docs = job.documents()
+    position = {d: i for i, d in enumerate(docs["doc_id"].to_pylist())}
+    chosen = docs.take(pa.array([position[d] for d in doc_ids], type=pa.int64()))
+    located = {"doc_id": list(doc_ids), **chosen.select(["shard", "row", "n_tokens"]).to_pydict()}
+    return located_rows(job, located, method, **columns)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -388,18 +388,41 @@ class QuadSelector:
 
     def tau_buckets(self) -> list[dict]:
         """``tau: validate``: the warm-up documents in ``tau_buckets`` equal-count influence buckets,
-        best first: ``[{"bucket", "low", "high", "doc_ids"}]`` (``low`` = the bucket's tau)."""
+        best first: ``[{"bucket", "low", "high", "doc_ids", "shards", "rows"}]`` (``low`` = the bucket's
+        tau; shards / rows locate the documents, None / -1 where the store has none)."""
         warm = next((h for h in self.history if h.get("kind") == "warmup"), None)
         if warm is None:
             raise ValueError("tau buckets need the warm-up round first")
         ids, scores = list(warm["doc_ids"]), np.asarray(warm["scores"], np.float64)
+        shards, rows = self._warmup_locations(warm)
         order = np.argsort(-scores, kind="stable")
         out = []
         for b, part in enumerate(np.array_split(order, self.config.tau_buckets)):
             if part.size:
                 out.append({"bucket": b, "low": float(scores[part].min()), "high": float(scores[part].max()),
-                            "doc_ids": [ids[i] for i in part]})
+                            "doc_ids": [ids[i] for i in part], "shards": [shards[i] for i in part],
+                            "rows": [rows[i] for i in part]})
         return out
+
+    def _warmup_locations(self, warm: dict) -> tuple[list, list[int]]:
+        """Shards and rows of the warm-up documents in the record's order. Each warm-up item is the
+        front ``[0, n)`` of its cluster's queue (record order: item by item), so they are read back
+        from the queues: O(warm-up), nothing kept in the round log."""
+        shards: list = []
+        rows: list[int] = []
+        clusters, ids = warm["clusters"], warm["doc_ids"]
+        i = 0
+        while i < len(clusters):
+            n = 1
+            while i + n < len(clusters) and clusters[i + n] == clusters[i]:
+                n += 1
+            entries = self.queues.read(int(clusters[i]), 0, n)
+            if entries.doc_id != ids[i:i + n]:
+                raise StateMismatch(f"warm-up documents of cluster {clusters[i]} are not the front of its queue")
+            shards.extend(entries.shard)
+            rows.extend(entries.row.tolist())
+            i += n
+        return shards, rows
 
     def set_tau(self, tau_doc: float, report: dict) -> None:
         """Fix the document threshold chosen by validation (and the matching sample-mean thresholds)."""
@@ -694,14 +717,21 @@ class QuadSelector:
             self.stop_reason = "max_rounds"
 
     # -- results ---------------------------------------------------------------------------
-    def selection(self) -> dict[str, list]:
+    def selection(self, locations: bool = False) -> dict[str, list]:
         """Selected documents as columns ``doc_id, cluster, n_tokens, score, round`` (acceptance
-        order; ``score`` = the document's own influence, or its block's sample mean under ``block``)."""
+        order; ``score`` = the document's own influence, or its block's sample mean under ``block``).
+        With ``locations``, also ``shard, row`` from the queues (None / -1 where the store has none), so a
+        manifest needs no lookup by id. Reads the kept ranges: O(selection)."""
         out: dict[str, list] = {"doc_id": [], "cluster": [], "n_tokens": [], "score": [], "round": []}
+        if locations:
+            out.update(shard=[], row=[])
         for cluster, start, stop, rnd, score in self.accepted:
             entries = self.queues.read(cluster, start, stop)
             n = stop - start
             out["doc_id"].extend(entries.doc_id)
+            if locations:
+                out["shard"].extend(entries.shard)
+                out["row"].extend(entries.row.tolist())
             out["n_tokens"].extend(entries.n_tokens.tolist())
             out["cluster"].extend([int(cluster)] * n)
             out["score"].extend([float(score)] * n)

@@ -108,6 +108,44 @@ def test_quad_validates_tau_on_a_held_out_part_of_the_reference_set(ray_local, c
     assert above and above <= kept  # the budget (30%) holds the warm-up's passers
 
 
+def test_quad_never_builds_the_corpus_index_in_the_driver(ray_local, corpus, tmp_path, tiny_tokenizer_dir,
+                                                          quad_sections, monkeypatch):
+    """Quad reads and reports documents by (shard, row): the job never asks for the index of every
+    document (``Job.documents``), through the factor sample, warm-up, tau validation, sampled and
+    expanded rounds, and the manifest rows; those rows still carry each document's index location."""
+    import ray_jobs.select as select
+    from selector.index import INDEX_STAGE
+    from selector.workdir import WorkDir, shard_key
+
+    calls = []
+
+    class CountingJob(select.Job):
+        def documents(self):
+            calls.append("documents")
+            return super().documents()
+
+    monkeypatch.setattr(select, "Job", CountingJob)
+    assert not hasattr(select.Job, "owners")  # no driver-side doc_id -> reader map is left
+    sections = dict(quad_sections, quad=dict(quad_sections["quad"], accept="two_stage", tau="validate",
+                                             tau_buckets=3, validation_steps=2, warmup_size=16))
+    cfg = parse_config(config(corpus, tmp_path, tiny_tokenizer_dir, method="quad", run_id="located", **sections))
+    manifest = read_manifest(select.run(cfg, **QUIET))
+    assert calls == []
+    check_rows(manifest, corpus[1], "quad")
+    history = manifest.summary["quad"]["history"]
+    assert {"warmup", "bandit", "expand"} <= {h["kind"] for h in history}
+    assert manifest.summary["quad"]["tau_validation"]["bucket"] is not None
+    workdir = WorkDir(str(tmp_path), "located")
+    where = {}
+    for shard in (root := corpus[0] / "corpus").iterdir():
+        t = workdir.read_table(INDEX_STAGE, shard_key(shard.name))
+        where.update({d: (str(root / s), r, n) for d, s, r, n in zip(*(t[c].to_pylist() for c in
+                                                                        ("doc_id", "shard", "row", "n_tokens")))})
+    t = manifest.table
+    assert [where[d] for d in t["doc_id"].to_pylist()] == \
+        [(s.removeprefix("file://"), r, n) for s, r, n in zip(*(t[c].to_pylist() for c in ("shard", "row", "n_tokens")))]
+
+
 def test_baselines_on_the_same_engine(ray_local, corpus, tmp_path, tiny_tokenizer_dir, quad_sections):
     from ray_jobs.select import run
 

@@ -21,8 +21,9 @@ by the queue store's fingerprint (per-cluster sizes, token totals and content ha
 queue step wrote), never by hashing every id; the checkpoint is O(clusters + kept ranges + rounds).
 
 The driver loop (:func:`run_quad_rounds`) asks for a plan, has ``score_fn`` compute the
-sampled documents' influences (shard readers + influence workers, in parallel), and reports
-the scores back.
+sampled documents' influences from their (shard, row) locations (shard readers + influence
+workers, in parallel), and reports the scores back. The result (:meth:`BanditActor.selection`
+with ``locations=True``) carries shard and row too, so the manifest needs no index of the corpus.
 """
 
 from __future__ import annotations
@@ -149,9 +150,10 @@ class BanditActor:
         return records
 
     # -- results ---------------------------------------------------------------------------
-    def selection(self) -> dict[str, list]:
-        """Manifest rows: ``doc_id, cluster, n_tokens, score, round`` (see QuadSelector.selection)."""
-        return self.quad.selection()
+    def selection(self, locations: bool = False) -> dict[str, list]:
+        """Manifest rows: ``doc_id, cluster, n_tokens, score, round``, with ``locations`` also ``shard,
+        row`` (see QuadSelector.selection): O(selection), read from the queue files."""
+        return self.quad.selection(locations)
 
     def summary(self) -> dict:
         """``manifest.json["quad"]``: settings, tau, reward scale, stop reason, round log."""
@@ -198,7 +200,30 @@ def start_bandit(workdir: WorkDir, config: QuadConfig | dict, budget_tokens: int
                                                          neighbours=neighbours)
 
 
-ScoreFn = Callable[[list[tuple[int, list[str]]]], Sequence[Sequence[float]]]
+class ScoreRequest(tuple):
+    """One planned item to score. Unpacks as ``(cluster, doc_ids)`` (what a score function that
+    knows only ids takes); ``shards`` / ``rows`` locate the same documents (shard names as the queue
+    step recorded them: relpaths in the select job), so scoring needs no id lookup."""
+
+    def __new__(cls, cluster: int, doc_ids: Sequence[str], shards: Sequence = (), rows: Sequence[int] = ()):
+        self = super().__new__(cls, (int(cluster), list(doc_ids)))
+        self.shards = list(shards)
+        self.rows = [int(r) for r in rows]
+        return self
+
+    def __getnewargs__(self):
+        return (self[0], self[1], self.shards, self.rows)
+
+    @property
+    def cluster(self) -> int:
+        return self[0]
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return self[1]
+
+
+ScoreFn = Callable[[list[ScoreRequest]], Sequence[Sequence[float]]]
 
 
 CalibrateFn = Callable[[list[dict]], dict]
@@ -208,11 +233,12 @@ def run_quad_rounds(bandit, score_fn: ScoreFn, progress: bool = True, log: Calla
                     calibrate_fn: CalibrateFn | None = None) -> dict:
     """Drive ``bandit`` to the end: plan, score, report, until it is done; returns its status.
 
-    ``score_fn([(cluster, sample doc_ids), ...])`` returns one list of influence scores per
-    request (same order, one per document). It is where the lead plugs in shard readers and
-    influence workers; it runs on the driver, so it may fan out Ray tasks itself.
-    ``calibrate_fn(buckets)`` (``tau: validate`` only) returns ``{"tau", ...report}`` for the
-    warm-up's influence buckets (:func:`selector.tau_validation.choose_bucket`).
+    ``score_fn([ScoreRequest(cluster, sample doc_ids, shards, rows), ...])`` returns one list of
+    influence scores per request (same order, one per document). It is where the select job plugs
+    in shard readers and influence workers; it runs on the driver, so it may fan out Ray tasks
+    itself. ``calibrate_fn(buckets)`` (``tau: validate`` only) returns ``{"tau", ...report}`` for the
+    warm-up's influence buckets (:func:`selector.tau_validation.choose_bucket`; each bucket carries its
+    documents' ``shards`` / ``rows``). The driver holds one plan at a time: O(round).
     """
     from tqdm import tqdm
 
@@ -234,7 +260,8 @@ def run_quad_rounds(bandit, score_fn: ScoreFn, progress: bool = True, log: Calla
                 result = calibrate_fn(ray.get(bandit.tau_buckets.remote()))
                 ray.get(bandit.set_tau.remote(float(result["tau"]), result))
                 continue
-            scores = score_fn([(item["cluster"], item["sample"]) for item in plan["items"]])
+            scores = score_fn([ScoreRequest(item["cluster"], item["sample"], item["shards"], item["rows"])
+                               for item in plan["items"]])
             record = ray.get(bandit.report.remote([list(map(float, s)) for s in scores], plan["round"]))
             now = record.get("budget_used", used)
             bar.update(now - used)

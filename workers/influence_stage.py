@@ -2,6 +2,10 @@
 
 Both outputs live in the work dir (``kfac/factors.safetensors``, ``kfac/query.safetensors``)
 with done markers, so a resumed job loads them instead of refitting.
+
+Documents are read by location: the shard readers are found by shard (O(shards),
+:func:`workers.shard_reader.shard_routes`), and texts by ``(shard, row)``; the driver holds no
+per-document map (the factor sample is O(readers x factors.documents), a scored batch O(batch)).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import ray
 from selector.corpus import Corpus, RejectSink
 from selector.workdir import WorkDir
 from workers.influence import fit_factors_parallel, make_workers, score_parallel
-from workers.shard_reader import random_sample, read_texts
+from workers.shard_reader import random_sample_located, read_located, shard_routes
 
 STAGE = "kfac"
 
@@ -49,7 +53,7 @@ def query_and_validation_texts(config, log: Callable[[str], None] = print) -> tu
     return split_reference(texts, config.quad.validation_fraction, config.seed)
 
 
-def prepare_influence(config, workdir: WorkDir, readers: list, owners: dict[str, int], progress: bool = True,
+def prepare_influence(config, workdir: WorkDir, readers: list, progress: bool = True,
                       log: Callable[[str], None] = print) -> list:
     """Influence workers holding the model, the fitted factors and the preconditioned query."""
     # The work dir's storage options reach the workers: they read and write the factor and query
@@ -68,8 +72,8 @@ def prepare_influence(config, workdir: WorkDir, readers: list, owners: dict[str,
         log("reference: K-FAC factors found in the work dir")
     else:
         if config.factors.source == "corpus":
-            ids = random_sample(readers, config.factors.documents, config.seed)
-            texts = read_texts(readers, owners, ids)
+            sample = random_sample_located(readers, config.factors.documents, config.seed)
+            texts = read_located(readers, shard_routes(readers), sample["shard"], sample["row"])
         else:
             texts = reference_texts(config, log)[: config.factors.documents]
         log(f"reference: fitting K-FAC factors on {len(texts)} {config.factors.source} documents "
@@ -92,14 +96,20 @@ def prepare_influence(config, workdir: WorkDir, readers: list, owners: dict[str,
     return workers
 
 
-def influence_score_fn(workers: list, readers: list, owners: dict[str, int]):
-    """``score_fn`` for the bandit loop: read the sampled documents, score them in parallel."""
+def influence_score_fn(workers: list, readers: list):
+    """``score_fn`` for the bandit loop (and ``topk-influence``): read the requested documents by
+    their ``(shard, row)`` (:class:`workers.bandit.ScoreRequest`), score them in parallel."""
+    routes = shard_routes(readers)
 
-    def score(requests: list[tuple[int, list[str]]]) -> list[list[float]]:
+    def score(requests: list) -> list[list[float]]:
         flat = [doc_id for _, ids in requests for doc_id in ids]
         if not flat:
             return [[] for _ in requests]
-        texts = read_texts(readers, owners, flat)
+        shards = [s for r in requests for s in r.shards]
+        rows = [row for r in requests for row in r.rows]
+        if len(shards) != len(flat) or len(rows) != len(flat):
+            raise ValueError("influence_score_fn: every request needs the shards and rows of its documents")
+        texts = read_located(readers, routes, shards, rows)
         scores = score_parallel(workers, flat, texts, batch_docs=max(1, min(64, -(-len(flat) // len(workers)))))
         out, i = [], 0
         for _, ids in requests:
