@@ -62,6 +62,12 @@ def hash_keys(doc_ids: list[str], seed: int) -> np.ndarray:
                      for d in doc_ids], dtype=np.float64) / 2.0**64
 
 
+def id_keys(doc_ids: list[str]) -> np.ndarray:
+    """The 64-bit key of each document id (unseeded BLAKE2b-64, uint64): equal ids, equal keys."""
+    return np.array([int.from_bytes(hashlib.blake2b(d.encode(), digest_size=8).digest(), "little")
+                     for d in doc_ids], dtype=np.uint64)
+
+
 def hash_order_prefix(table: pa.Table | None, seed: int, max_tokens: int) -> pa.Table:
     """Rows of ``table`` in hash order, cut where the cumulative token count would pass ``max_tokens``.
 

@@ -26,7 +26,7 @@ import ray
 
 from selector.corpus import Corpus, CorpusConfig, ShardInfo
 from selector.errors import CorpusError
-from selector.index import find_duplicate_ids, hash_keys, hash_order_prefix, index_shard
+from selector.index import find_duplicate_ids, hash_keys, hash_order_prefix, id_keys, index_shard
 from selector.workdir import WorkDir
 
 
@@ -63,6 +63,21 @@ class ShardReader:
     def index_table(self) -> pa.Table:
         """The index rows of every shard this reader owns (doc_id, shard, row, n_tokens, ...)."""
         return pa.concat_tables([self._index[p] for p in sorted(self._index)]) if self._index else None
+
+    def id_key_parts(self, parts: int):
+        """This reader's document id keys (:func:`selector.index.id_keys`) split by ``key % parts``:
+        ``parts`` arrays, one Ray return each (the duplicate check's shuffle)."""
+        table = self.index_table()
+        keys = id_keys(table["doc_id"].to_pylist()) if table is not None else np.zeros(0, np.uint64)
+        split = [keys[keys % np.uint64(parts) == np.uint64(p)] for p in range(parts)]
+        return split[0] if parts == 1 else split
+
+    def rows_with_keys(self, keys: np.ndarray) -> pa.Table | None:
+        """The index rows whose id key is in ``keys`` (index order)."""
+        table = self.index_table()
+        if table is None or not len(keys):
+            return None
+        return table.filter(pa.array(np.isin(id_keys(table["doc_id"].to_pylist()), keys)))
 
     def hash_order_prefix(self, seed: int, max_tokens: int) -> pa.Table:
         """Documents in seeded hash order while their cumulative tokens fit in ``max_tokens``."""
@@ -146,7 +161,7 @@ def index_corpus(readers: list, config_hash: str, progress: bool = True) -> dict
         return f"{totals['documents']:,} docs"
 
     per_shard = gather(futures, "index", enabled=progress, on_result=running)
-    duplicates = find_duplicate_ids(ray.get([r.index_table.remote() for r in readers]))
+    duplicates = duplicate_ids(readers)
     if duplicates:
         raise CorpusError("document ids must be unique across the corpus (fix the id column, or drop "
                           "corpus.id_column to use <shard>:<row> ids): " + "; ".join(duplicates))
@@ -157,6 +172,27 @@ def index_corpus(readers: list, config_hash: str, progress: bool = True) -> dict
         "rejected": sum(s["rejected"] for s in per_shard),
         "shards_skipped": sum(1 for s in per_shard if s["skipped"]),
     }
+
+
+@ray.remote(num_cpus=0.1)
+def _repeated_keys(*parts: np.ndarray) -> np.ndarray:
+    keys, counts = np.unique(np.concatenate(parts), return_counts=True)
+    return keys[counts > 1]
+
+
+def duplicate_ids(readers: list, limit: int = 5) -> list[str]:
+    """Messages for document ids that occur more than once, without the ids passing through the
+    driver: each reader splits its 64-bit id keys into one part per reader, one task per part finds
+    the repeated keys, and only the rows with those keys come back, where the ids are compared
+    (:func:`selector.index.find_duplicate_ids`, so a key collision of distinct ids is no error)."""
+    parts = len(readers)
+    split = [r.id_key_parts.options(num_returns=parts).remote(parts) for r in readers]
+    split = [s if isinstance(s, list) else [s] for s in split]
+    repeated = ray.get([_repeated_keys.remote(*[s[p] for s in split]) for p in range(parts)])
+    keys = np.concatenate(repeated) if repeated else np.zeros(0, np.uint64)
+    if not len(keys):
+        return []
+    return find_duplicate_ids(ray.get([r.rows_with_keys.remote(keys) for r in readers]), limit)
 
 
 def random_selection(readers: list, seed: int, budget_tokens: int) -> pa.Table:
