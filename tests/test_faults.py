@@ -253,19 +253,24 @@ def _keys(s3, bucket: str, prefix: str) -> list[str]:
     return [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
 
 
+def _stop_the_store_mid_index(s3, bucket: str, cfg: dict, work: str) -> dict:
+    """Start the job, stop the S3 server once the first shard is indexed (its marker is on S3)."""
+    run_id = parse_config(cfg).resolved_run_id()
+    job = run_in_thread(cfg)
+    wait_for(lambda: [k for k in _keys(s3, bucket, f"{work}/runs/{run_id}/index/") if k.endswith(".done.json")],
+             120, "the first indexed shard", interval=0.02)
+    s3["stop"]()
+    assert job["thread"].is_alive(), "the job finished before the store went down"
+    return job
+
+
 def test_s3_stopped_mid_stage_the_job_waits_and_finishes(ray_local, restartable_s3, corpus, tiny_tokenizer_dir):
     s3 = restartable_s3
     bucket = _s3_corpus(s3, corpus)
     clean = read_manifest(run_in_thread_blocking(_s3_config(s3, bucket, "clean", tiny_tokenizer_dir, 30)),
                           s3["storage_options"])
     cfg = _s3_config(s3, bucket, "outage", tiny_tokenizer_dir, 30)
-    run_id = parse_config(cfg).resolved_run_id()
-    job = run_in_thread(cfg)
-    # mid-stage: the first shard is indexed (its marker is on S3), the job is still running
-    wait_for(lambda: [k for k in _keys(s3, bucket, f"outage/runs/{run_id}/index/") if k.endswith(".done.json")],
-             120, "the first indexed shard", interval=0.02)
-    s3["stop"]()
-    assert job["thread"].is_alive()
+    job = _stop_the_store_mid_index(s3, bucket, cfg, "outage")
     time.sleep(4)
     s3["start"]()
     restarted = time.monotonic()
@@ -284,12 +289,8 @@ def test_s3_down_past_the_retry_budget_fails_clearly_and_commits_nothing(ray_loc
     bucket = _s3_corpus(s3, corpus)
     cfg = _s3_config(s3, bucket, "down", tiny_tokenizer_dir, 3)
     run_id = parse_config(cfg).resolved_run_id()
-    job = run_in_thread(cfg)
-    wait_for(lambda: [k for k in _keys(s3, bucket, f"down/runs/{run_id}/index/") if k.endswith(".done.json")],
-             120, "the first indexed shard", interval=0.02)
-    s3["stop"]()
+    job = _stop_the_store_mid_index(s3, bucket, cfg, "down")
     stopped = time.monotonic()
-    assert job["thread"].is_alive(), "the job finished before the store went down"
     job["thread"].join(90)
     assert not job["thread"].is_alive(), "the job did not give up on a store that is down"
     s3["start"]()
