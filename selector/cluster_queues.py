@@ -54,7 +54,6 @@ cluster stage's per-shard hashes, the layout settings), so a killed queue step r
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -65,7 +64,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from selector.index import hash_keys
-from selector.workdir import WorkDir, atomic_write_bytes, stable_hash
+from selector.workdir import WorkDir, atomic_write_bytes, stable_hash, table_to_parquet_bytes
 
 SORT_STAGE = "cluster_queues_sorted"
 QUEUE_STAGE = "cluster_queues"
@@ -218,12 +217,6 @@ def cluster_file(cluster: int) -> str:
     return f"c{int(cluster):06d}.parquet"
 
 
-def _parquet_bytes(table: pa.Table, row_group_size: int) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
-    return sink.getvalue()
-
-
 class DiskClusterQueues(ClusterQueueStore):
     """The queues :func:`write_cluster_queues` wrote under ``workdir``; holds O(clusters) metadata and
     an LRU of at most ``cache_row_groups`` row groups."""
@@ -321,7 +314,7 @@ def sort_shard(workdir: WorkDir, key: str, seed: int, shard_hash: str, row_group
                       "row": pa.array(t.column("row").to_numpy().astype(np.int64)[order]),
                       "n_tokens": pa.array(t.column("n_tokens").to_numpy().astype(np.int64)[order])})
     path = f"{workdir.stage_dir(SORT_STAGE)}/{key}.parquet"
-    atomic_write_bytes(workdir.fs, path, _parquet_bytes(table, row_group_size))
+    atomic_write_bytes(workdir.fs, path, table_to_parquet_bytes(table, row_group_size))
     ids_, counts = np.unique(clusters, return_counts=True)
     stats = {"documents": len(ids), "counts": [[int(c), int(n)] for c, n in zip(ids_, counts)]}
     workdir.mark_done(SORT_STAGE, key, shard_hash, stats)
@@ -370,7 +363,7 @@ def merge_partition(workdir: WorkDir, keys: list[str], clusters: list[int], part
             continue
         tokens = q.column("n_tokens").to_numpy()
         atomic_write_bytes(workdir.fs, f"{workdir.stage_dir(QUEUE_STAGE)}/{cluster_file(c)}",
-                           _parquet_bytes(q, row_group_size))
+                           table_to_parquet_bytes(q, row_group_size))
         meta.append([int(c), q.num_rows, int(tokens.sum()), cluster_hash(q.column("doc_id").to_pylist(), tokens)])
     workdir.mark_done(QUEUE_STAGE, name, partition_hash, {"clusters": meta})
     return meta

@@ -70,9 +70,9 @@ def atomic_write_bytes(fs, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)  # one PUT: atomic on S3/GCS
 
 
-def table_to_parquet_bytes(table: pa.Table) -> bytes:
+def table_to_parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
     return sink.getvalue()
 
 

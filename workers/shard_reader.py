@@ -8,8 +8,9 @@ Two ways to read texts from the driver:
 * by location -- :func:`shard_routes` (shard relpath -> reader, O(shards)) and :func:`read_located`
   (``(shard, row)`` pairs, one :meth:`ShardReader.read_rows` call per shard, in parallel). Nothing in
   the driver grows with the corpus; this is what Quad and ``topk-influence`` use;
-* by id -- :func:`owner_map` (doc_id -> reader, O(documents) in the driver) and :func:`read_texts`,
-  kept for callers that hold only ids.
+* by id -- :func:`owner_map` (doc_id -> reader, O(documents) in the driver) and :func:`read_texts`:
+  no job stage uses them any more; they are the plain reference that tests/test_shard_reader.py
+  pins the located reads against.
 
 Both return the same texts: the validated text column of the indexed rows (rows rejected at
 indexing cannot be read either way).
