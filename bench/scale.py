@@ -115,13 +115,14 @@ class MemorySampler(threading.Thread):
     """Peak RSS of this process and of each Ray worker process class, sampled every ``interval`` s."""
 
     def __init__(self, interval: float = 0.25):
+        import psutil  # here, not in run(): a missing psutil must fail the run, not silently empty the table
+
         super().__init__(daemon=True)
         self.interval, self.peaks, self.stop = interval, {}, threading.Event()
+        self.process = psutil.Process()
 
     def run(self):
-        import psutil
-
-        me = psutil.Process()
+        me = self.process
         while not self.stop.is_set():
             self._note("driver", me)
             # only this job's local Ray: its raylet is the driver's child, the workers the raylet's
