@@ -43,6 +43,7 @@ from selector.refresh import (DELTA_FILE, RefreshConfig, carried_bandit, classif
                               default_lease_name, document_counts, drift_ratio, lineage_id, load_refresh_config,
                               previous_run, same_listing, selection_delta, shard_digest)
 from selector.workdir import WorkDir, shard_key, table_to_parquet_bytes
+from workers.runtime import job_env
 from ray_jobs.select import run_pipeline
 
 FIT_STATE = "refresh_fit"        # state/refresh_fit.json: the kept fit (hashes, fit-time mean distance)
@@ -245,7 +246,7 @@ def assign_shards(workdir: WorkDir, keys: list[str], assign_hash: str, config, p
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and config.use_gpu is not False
     resources = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": num_cpus}
     work = (workdir.root, workdir.run_id, workdir.storage_options)
-    futures = [_assign_task.options(**resources).remote(work, key, assign_hash, config.assign_batch_size,
+    futures = [_assign_task.options(**job_env(**resources)).remote(work, key, assign_hash, config.assign_batch_size,
                                                         bool(use_gpu), resources["num_cpus"]) for key in keys]
     return gather(futures, "cluster", enabled=progress)
 

@@ -28,7 +28,7 @@ from selector.models import load_tokenizer, tokenizer_fingerprint
 from selector.storage import set_retry_seconds, storage_error
 from ray_jobs.errors import quiet_worker_tracebacks
 from selector.workdir import WorkDir
-from workers.runtime import connect, resolve_workers
+from workers.runtime import connect, job_env, resolve_workers
 from workers.shard_reader import index_corpus, random_selection, start_shard_readers
 
 
@@ -109,45 +109,51 @@ def run_pipeline(config: JobConfig, run_id: str, workdir: WorkDir, progress: boo
     log(f"run {run_id}: {len(shards)} shards under {config.corpus.uri}")
     readers = start_shard_readers(config.corpus, config.tokenizer, workdir, shards,
                                   config.ray.shard_readers, config.ray.reader_num_cpus)
-    index_stats = index_corpus(readers, config.stage_hash("corpus", "tokenizer"), progress)
-    log(f"indexed {index_stats['documents']:,} documents, {index_stats['tokens']:,} tokens, "
-        f"{index_stats['rejected']} rejected ({index_stats['shards_skipped']} shards already indexed)")
-    check_budget(config, index_stats)
-    job = Job(config, workdir, shards, readers, config.budget.resolve(index_stats["tokens"]), progress, log,
-              hooks=hooks)
+    try:
+        index_stats = index_corpus(readers, config.stage_hash("corpus", "tokenizer"), progress)
+        log(f"indexed {index_stats['documents']:,} documents, {index_stats['tokens']:,} tokens, "
+            f"{index_stats['rejected']} rejected ({index_stats['shards_skipped']} shards already indexed)")
+        check_budget(config, index_stats)
+        job = Job(config, workdir, shards, readers, config.budget.resolve(index_stats["tokens"]), progress, log,
+                  hooks=hooks)
 
-    tokenizer_info = {"path": config.tokenizer, "fingerprint": tokenizer_fingerprint(tokenizer)}
-    reused = hooks.reuse(job, index_stats) if hooks is not None else None
-    if reused is not None:  # a refresh of an unchanged corpus: the previous selection, as it was
-        rows, extra = reused
-    else:
-        # 2-5. the method's own stages, then its selection
-        rows, extra = METHODS[config.method](job)
-        # 6. token masks (Rho-1) on top of any method's selection
+        tokenizer_info = {"path": config.tokenizer, "fingerprint": tokenizer_fingerprint(tokenizer)}
+        reused = hooks.reuse(job, index_stats) if hooks is not None else None
+        if reused is not None:  # a refresh of an unchanged corpus: the previous selection, as it was
+            rows, extra = reused
+        else:
+            # 2-5. the method's own stages, then its selection
+            rows, extra = METHODS[config.method](job)
+            # 6. token masks (Rho-1) on top of any method's selection
+            if config.mask_tokens:
+                rows, mask_summary = add_token_masks(job, rows)
+                extra.setdefault("stages", {})["mask"] = mask_summary
         if config.mask_tokens:
-            rows, mask_summary = add_token_masks(job, rows)
-            extra.setdefault("stages", {})["mask"] = mask_summary
-    if config.mask_tokens:
-        tokenizer_info["token_masks"] = "token_mask: np.packbits(mask, bitorder='little') over this tokenizer's tokens"
+            tokenizer_info["token_masks"] = "token_mask: np.packbits(mask, bitorder='little') over this tokenizer's tokens"
 
-    # manifest, committed last
-    table = selection_table(rows)
-    writer = ManifestWriter(config.work.root, run_id, config.work.storage_options)
-    writer.write(table)
-    summary = run_summary(config, shards, index_stats, job.budget, table,
-                          models=model_identities(config),
-                          tokenizer=tokenizer_info,
-                          stages={"index": {k: v for k, v in index_stats.items() if k != "shards"}, **extra.pop("stages", {})})
-    summary.update(extra)
-    if hooks is not None:
-        hooks.before_commit(job, writer, table, summary)
-    uri = writer.commit(summary)
-    selected = summary["budget"]["selected_tokens"]
-    log(f"selected {summary['budget']['selected_documents']:,} documents, {selected:,} of {job.budget:,} "
-        f"budget tokens -> {uri}")
-    if selected < 0.9 * job.budget:
-        log(f"warning: the selection fills only {selected / max(job.budget, 1):.0%} of the budget")
-    return uri
+        # manifest, committed last
+        table = selection_table(rows)
+        writer = ManifestWriter(config.work.root, run_id, config.work.storage_options)
+        writer.write(table)
+        summary = run_summary(config, shards, index_stats, job.budget, table,
+                              models=model_identities(config),
+                              tokenizer=tokenizer_info,
+                              stages={"index": {k: v for k, v in index_stats.items() if k != "shards"}, **extra.pop("stages", {})})
+        summary.update(extra)
+        if hooks is not None:
+            hooks.before_commit(job, writer, table, summary)
+        uri = writer.commit(summary)
+        selected = summary["budget"]["selected_tokens"]
+        log(f"selected {summary['budget']['selected_documents']:,} documents, {selected:,} of {job.budget:,} "
+            f"budget tokens -> {uri}")
+        if selected < 0.9 * job.budget:
+            log(f"warning: the selection fills only {selected / max(job.budget, 1):.0%} of the budget")
+        return uri
+    finally:
+        # Free the readers' CPUs now: a driver that runs several jobs (refresh, tests, notebooks)
+        # would otherwise keep them until every handle is garbage (an exception's traceback holds one).
+        for reader in readers:
+            ray.kill(reader)
 
 
 def check_model_paths(config: JobConfig) -> None:
@@ -246,7 +252,7 @@ def tau_calibration(job: Job):
         for b in buckets:
             b["texts"] = read_located(job.readers, routes, b["shards"], b["rows"])
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        task = ray.remote(num_cpus=job.config.ray.worker_num_cpus, num_gpus=gpus)(_choose_tau_bucket)
+        task = ray.remote(_choose_tau_bucket).options(**job_env(num_cpus=job.config.ray.worker_num_cpus, num_gpus=gpus))
         result = ray.get(task.remote(buckets, job.config.proxy_model, job.workdir.storage_options, validation,
                                      steps=job.config.quad.validation_steps, seed=job.config.seed))
         job.log(f"quad: tau validated on {len(validation)} held-out reference documents: bucket {result['bucket']} "
@@ -314,7 +320,7 @@ def select_gtp(job: Job):
 
     cfg = job.config.gtp
     docs = job.documents()
-    actors = [TrajectoryFeatureActor.options(**model_actor_resources(job)).remote(
+    actors = [TrajectoryFeatureActor.options(**job_env(**model_actor_resources(job))).remote(
         cfg.model_dump(mode="json"), job.workdir.root, job.workdir.run_id, job.workdir.storage_options)
         for _ in range(job.config.ray.influence_workers)]
     routes = shard_routes(job.readers)

@@ -4,10 +4,16 @@ One retry policy for every filesystem Thresher opens (:func:`selector.workdir.op
 it): on S3 (s3fs), botocore's own retries are turned off and s3fs retries a failed call on its
 deterministic backoff (0.1 s x 1.7^i, capped at 15 s), with connection failures (refused,
 unreachable, timed out) counted as retryable. The number of attempts and the connect timeout
-are chosen so that a store that does not answer is given up on within ``retry_seconds``
+are chosen so that a store that refuses or does not accept connections is given up on within ``retry_seconds``
 (config ``storage.retry_seconds``, default 30; the job exports it to its workers as
 ``THRESHER_STORAGE_RETRY_SECONDS``). Options set explicitly in ``storage_options``
-(``config_kwargs.connect_timeout``, ``config_kwargs.retries``) win.
+(``config_kwargs.connect_timeout``, ``config_kwargs.read_timeout``, ``config_kwargs.retries``) win.
+
+A store that accepts a connection and then never answers (a request in flight on a kept-alive
+connection when the server stops, a hung proxy) is bounded by the read timeout,
+:func:`read_timeout` (at least 5 s, botocore's default is 60 s), on each attempt: such a stall is
+given up on within ``attempts x read_timeout`` plus the backoff sleeps (about 10 s for a 3 s
+budget, 71 s for the default 30 s).
 
 :func:`storage_error` turns an exception raised by fsspec/s3fs/botocore into a
 :class:`StorageError` naming the URI, what happened (unreachable, denied, no such bucket) and
@@ -59,6 +65,13 @@ def retry_plan(seconds: float) -> tuple[int, float]:
     return attempts, connect_timeout
 
 
+def read_timeout(seconds: float) -> float:
+    """Seconds one attempt waits for bytes on an open connection: the budget shared by its
+    attempts, and never under 5 s (a slow first byte is not an outage)."""
+    attempts, _ = retry_plan(seconds)
+    return max(5.0, seconds / attempts)
+
+
 def _register_retryable() -> None:
     """Count connection failures as retryable in s3fs (it retries only timeouts by default)."""
     global _registered
@@ -87,6 +100,7 @@ def open_filesystem(uri: str, storage_options: dict | None = None):
     attempts, connect_timeout = retry_plan(retry_seconds())
     config_kwargs = dict(options.get("config_kwargs") or {})
     config_kwargs.setdefault("connect_timeout", connect_timeout)
+    config_kwargs.setdefault("read_timeout", read_timeout(retry_seconds()))
     config_kwargs.setdefault("retries", {"total_max_attempts": 1})  # s3fs retries; botocore does not
     options["config_kwargs"] = config_kwargs
     fs, path = fsspec.core.url_to_fs(uri, **options)

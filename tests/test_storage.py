@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
-from selector.storage import _backoff, request_uri, retry_plan, storage_error
+from selector.storage import _backoff, open_filesystem, read_timeout, request_uri, retry_plan, storage_error
 
 
 @pytest.mark.parametrize("seconds", [1, 3, 30, 120])
@@ -16,6 +16,18 @@ def test_retry_plan_fits_the_budget(seconds):
     assert attempts >= 1 and (spent <= seconds or attempts == 1)
     # one more attempt would not fit
     assert spent + _backoff(attempts) + timeout > seconds
+
+
+@pytest.mark.parametrize("seconds, expected", [(3, 5.0), (30, 5.0), (120, 120 / retry_plan(120)[0])])
+def test_read_timeout_bounds_a_stalled_store(seconds, expected, monkeypatch):
+    """A request on a connection the store never answers waits read_timeout per attempt (botocore's
+    default, 60 s, let a stall outlast a 3 s budget many times over)."""
+    assert read_timeout(seconds) == pytest.approx(expected)
+    monkeypatch.setenv("THRESHER_STORAGE_RETRY_SECONDS", "3")
+    fs, _ = open_filesystem("s3://bucket/key", {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}})
+    assert fs.config_kwargs["read_timeout"] == 5.0 and fs.config_kwargs["connect_timeout"] == 1.0
+    fs, _ = open_filesystem("s3://bucket/key", {"config_kwargs": {"read_timeout": 90}})
+    assert fs.config_kwargs["read_timeout"] == 90  # set explicitly: kept
 
 
 @pytest.mark.parametrize("url, uri", [

@@ -37,6 +37,7 @@ import ray
 from selector.cluster_queues import ClusterQueues, DiskClusterQueues, write_cluster_queues
 from selector.quad import QuadConfig, QuadSelector, StateMismatch, load_cluster_neighbours
 from selector.workdir import WorkDir
+from workers.runtime import job_env
 
 STATE_NAME = "bandit"
 HISTORY_SEGMENT = 100  # rounds per log segment: per-round checkpoints rewrite at most this many
@@ -195,8 +196,8 @@ def start_bandit(workdir: WorkDir, config: QuadConfig | dict, budget_tokens: int
     if docs is None and cluster_keys is not None:
         write_cluster_queues(workdir, cluster_keys, int(seed))
     work = (workdir.root, workdir.run_id, workdir.storage_options)
-    return BanditActor.options(name=bandit_actor_name(workdir.run_id), get_if_exists=True,
-                               num_cpus=num_cpus).remote(work, cfg, int(budget_tokens), int(seed), docs=docs,
+    return BanditActor.options(**job_env(num_cpus=num_cpus), name=bandit_actor_name(workdir.run_id),
+                               get_if_exists=True).remote(work, cfg, int(budget_tokens), int(seed), docs=docs,
                                                          neighbours=neighbours)
 
 

@@ -16,6 +16,7 @@ import ray
 from selector.clustering import (ClusterConfig, ClusterModel, assign_hash_for, assign_shard, fit_stage,
                                  load_centroids, write_summaries)
 from selector.workdir import WorkDir
+from workers.runtime import job_env
 
 
 def _limit_threads(num_cpus: float) -> None:
@@ -61,10 +62,10 @@ def cluster_corpus(workdir: WorkDir, keys: list[str], config: ClusterConfig, pro
     cfg = config.model_copy(update={"use_gpu": bool(use_gpu)})
     work = (workdir.root, workdir.run_id, workdir.storage_options)
     start = time.perf_counter()
-    fit = ray.get(_fit_task.options(**fit_resources).remote(work, keys, cfg.model_dump(mode="json"),
+    fit = ray.get(_fit_task.options(**job_env(**fit_resources)).remote(work, keys, cfg.model_dump(mode="json"),
                                                             fit_resources["num_cpus"]))
     fit_done = time.perf_counter()
-    futures = [_assign_task.options(**resources).remote(work, key, fit["assign_hash"], cfg.assign_batch_size,
+    futures = [_assign_task.options(**job_env(**resources)).remote(work, key, fit["assign_hash"], cfg.assign_batch_size,
                                                         bool(use_gpu), resources["num_cpus"]) for key in keys]
     per_shard = gather(futures, "cluster", enabled=progress)
     model = ClusterModel(load_centroids(workdir))  # the neighbour search is small: CPU on the driver

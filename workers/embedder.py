@@ -20,6 +20,7 @@ from tqdm import tqdm
 from selector.corpus import Corpus, CorpusConfig, ShardInfo
 from selector.embedding import EmbedConfig, Encoder, embed_shard, encoder_identity, shard_config_hash, STAGE
 from selector.workdir import WorkDir, shard_key
+from workers.runtime import job_env
 
 RESTARTS = 3  # restarts of a dead encoder actor (and retries of its in-flight shard)
 ACTOR_PREFIX = "thresher-embed-"
@@ -83,7 +84,7 @@ def embed_corpus(corpus_config: CorpusConfig, embed_config: EmbedConfig, workdir
         # A dead actor (process killed, node lost) is restarted and its in-flight shard retried: a shard's
         # output is written whole, then its done marker, so a retried shard just writes it again.
         tag = uuid.uuid4().hex[:8]
-        actors = [EmbedWorker.options(**options, name=f"{ACTOR_PREFIX}{tag}-{i}", max_restarts=RESTARTS,
+        actors = [EmbedWorker.options(**job_env(**options), name=f"{ACTOR_PREFIX}{tag}-{i}", max_restarts=RESTARTS,
                                       max_task_retries=RESTARTS).remote(
             corpus_config.model_dump(mode="json"), cfg.model_dump(mode="json"), workdir.root, workdir.run_id,
             workdir.storage_options) for i in range(max(1, min(n_workers, len(todo))))]

@@ -20,6 +20,7 @@ import numpy as np
 import ray
 
 from selector.influence import InfluenceConfig
+from workers.runtime import job_env
 
 
 @ray.remote
@@ -105,7 +106,7 @@ def make_workers(n: int, model_path: str, config: InfluenceConfig | dict | None 
     cfg = config.model_dump() if isinstance(config, InfluenceConfig) else (config or {})
     gpus = ray.cluster_resources().get("GPU", 0) > 0
     opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": num_cpus}
-    return [InfluenceWorker.options(**opts).remote(model_path, cfg, None, storage_options) for _ in range(n)]
+    return [InfluenceWorker.options(**job_env(**opts)).remote(model_path, cfg, None, storage_options) for _ in range(n)]
 
 
 def _split(texts: Sequence[str], n: int) -> list[list[str]]:

@@ -28,7 +28,7 @@ import ray
 from selector.corpus import Corpus, CorpusConfig, DocumentBatch, RejectSink
 from selector.errors import ModelLoadError, ThresherError
 from selector.models import require_same_tokenizer
-from workers.runtime import fit_num_cpus
+from workers.runtime import fit_num_cpus, job_env
 from selector.rho import (ExcessHistogram, RhoConfig, excess_losses, mean_scores, pack_mask, topk_masks_exact,
                           topk_masks_per_batch)
 
@@ -150,7 +150,7 @@ def start_workers(config: RhoConfig, storage_options: dict | None = None,
     n = config.num_workers or n_workers or max(gpus, 1)
     opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": fit_num_cpus(config.worker_num_cpus, n)}
     tag = uuid.uuid4().hex[:8]
-    actors = [LossWorker.options(**opts, name=f"{ACTOR_PREFIX}{tag}-{i}", max_restarts=RESTARTS,
+    actors = [LossWorker.options(**job_env(**opts), name=f"{ACTOR_PREFIX}{tag}-{i}", max_restarts=RESTARTS,
                                  max_task_retries=RESTARTS).remote(config.model_dump(mode="json"), storage_options,
                                                 corpus_config.model_dump(mode="json") if corpus_config else None)
               for i in range(n)]

@@ -7,6 +7,7 @@ import os
 import ray
 
 from selector.config import RayConfig
+from selector.storage import ENV_RETRY_SECONDS, retry_seconds
 
 
 def connect(config: RayConfig) -> None:
@@ -21,6 +22,15 @@ def connect(config: RayConfig) -> None:
     else:
         # address="local" never attaches to a stale cluster left in the temp dir.
         ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False)
+
+
+def job_env(**options) -> dict:
+    """``options`` for ``.options(...)`` of a task or actor that touches storage, with this job's
+    environment: its storage retry budget (``storage.retry_seconds``). A worker process does not
+    inherit the driver's environment on a cluster, nor on a Ray started before the job (a
+    notebook, the tests), so the budget travels with each task and actor (Ray merges it with the
+    job's own runtime_env)."""
+    return {**options, "runtime_env": {"env_vars": {ENV_RETRY_SECONDS: repr(retry_seconds())}}}
 
 
 def gpu_available() -> bool:

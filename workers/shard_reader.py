@@ -29,6 +29,7 @@ from selector.corpus import Corpus, CorpusConfig, ShardInfo
 from selector.errors import CorpusError
 from selector.index import find_duplicate_ids, hash_keys, hash_order_prefix, id_keys, index_shard
 from selector.workdir import WorkDir
+from workers.runtime import job_env
 
 
 @ray.remote
@@ -142,7 +143,7 @@ def assign_shards(shards: list[ShardInfo], n_readers: int) -> list[list[ShardInf
 def start_shard_readers(corpus_config: CorpusConfig, tokenizer: str, workdir: WorkDir, shards: list[ShardInfo],
                         n_readers: int, num_cpus: float) -> list:
     return [
-        ShardReader.options(num_cpus=num_cpus).remote(
+        ShardReader.options(**job_env(num_cpus=num_cpus)).remote(
             corpus_config.model_dump(mode="json"), tokenizer, workdir.root, workdir.run_id,
             workdir.storage_options, bucket)
         for bucket in assign_shards(shards, n_readers)
