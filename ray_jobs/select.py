@@ -129,7 +129,8 @@ def run_pipeline(config: JobConfig, run_id: str, workdir: WorkDir, progress: boo
                 rows, mask_summary = add_token_masks(job, rows)
                 extra.setdefault("stages", {})["mask"] = mask_summary
         if config.mask_tokens:
-            tokenizer_info["token_masks"] = "token_mask: np.packbits(mask, bitorder='little') over this tokenizer's tokens"
+            tokenizer_info["token_masks"] = ("token_mask: np.packbits(mask, bitorder='little') "
+                                             "over this tokenizer's tokens")
 
         # manifest, committed last
         table = selection_table(rows)
@@ -138,7 +139,8 @@ def run_pipeline(config: JobConfig, run_id: str, workdir: WorkDir, progress: boo
         summary = run_summary(config, shards, index_stats, job.budget, table,
                               models=model_identities(config),
                               tokenizer=tokenizer_info,
-                              stages={"index": {k: v for k, v in index_stats.items() if k != "shards"}, **extra.pop("stages", {})})
+                              stages={"index": {k: v for k, v in index_stats.items() if k != "shards"},
+                                      **extra.pop("stages", {})})
         summary.update(extra)
         if hooks is not None:
             hooks.before_commit(job, writer, table, summary)

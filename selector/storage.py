@@ -5,8 +5,8 @@ it): on S3 (s3fs), botocore's own retries are turned off and s3fs retries a fail
 deterministic backoff (0.1 s x 1.7^i, capped at 15 s), with connection failures (refused,
 unreachable, timed out) counted as retryable. The number of attempts and the connect timeout
 are chosen so that a store that refuses or does not accept connections is given up on within ``retry_seconds``
-(config ``storage.retry_seconds``, default 30; the job exports it to its workers as
-``THRESHER_STORAGE_RETRY_SECONDS``). Options set explicitly in ``storage_options``
+(config ``storage.retry_seconds``, default 30; its tasks and actors get it as
+``THRESHER_STORAGE_RETRY_SECONDS`` through :func:`workers.runtime.job_env`). Options set explicitly in ``storage_options``
 (``config_kwargs.connect_timeout``, ``config_kwargs.read_timeout``, ``config_kwargs.retries``) win.
 
 A store that accepts a connection and then never answers (a request in flight on a kept-alive

@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -326,10 +325,7 @@ def test_driver_killed_in_the_commit_then_a_rerun_commits_one_manifest(ray_local
     final = tmp_path / "work" / "manifests" / run_id
     log = tmp_path / "stderr.log"
     thresher = Path(sys.executable).with_name("thresher")
-    # Its own Ray temp dir: the local Ray it starts (and that SIGKILL leaves behind) must not become the
-    # machine's "current cluster" that later tests' GCS queries reach (short path: Ray's socket names).
-    ray_tmp = tempfile.mkdtemp(prefix="thr-ray-", dir="/tmp")
-    env = dict(os.environ, **{COMMIT_PAUSE_ENV: point, "RAY_TMPDIR": ray_tmp})
+    env = dict(os.environ, **{COMMIT_PAUSE_ENV: point})
     with open(log, "wb") as err:
         proc = subprocess.Popen([str(thresher), "run", str(path), "--no-progress"], stdout=subprocess.DEVNULL,
                                 stderr=err, env=env, start_new_session=True)
