@@ -38,9 +38,10 @@ class Job:
 
     The driver holds the shard listing (O(shards)); shard readers are found by shard
     (:func:`workers.shard_reader.shard_routes`). :meth:`documents` is the one O(documents) thing a
-    method can ask for: ``topk-influence`` (it ranks every document), and ``exploration-only``,
-    ``perplexity``, ``rho`` and ``gtp`` (through :func:`rows_from`, and gtp's per-shard split) use it;
-    ``quad`` and ``random`` never do.
+    method can ask for: ``topk-influence`` (it ranks every document in the driver) and ``gtp``
+    (through :func:`rows_from`, and its per-shard split) use it; ``quad``, ``random``,
+    ``exploration-only``, ``perplexity`` and ``rho`` never do (their selections come from per-shard
+    or per-cluster files in the work dir).
     """
 
     config: JobConfig
@@ -280,35 +281,46 @@ def select_topk_influence(job: Job):
 
 
 def select_exploration_only(job: Job):
-    from selector.baselines import exploration_only
-    from selector.quad import load_cluster_inputs
+    """Quad's walk over the clusters without scoring: the blocks come from the queues in the work
+    dir (selector.baselines.exploration_blocks), read one block at a time; O(selection) here."""
+    from selector.baselines import exploration_blocks
+    from selector.cluster_queues import DiskClusterQueues
 
     keys, stages = embed_and_cluster(job)
-    docs, _ = load_cluster_inputs(job.workdir, keys)
-    positions, rounds = exploration_only(docs["doc_id"], docs["cluster"], docs["n_tokens"], job.budget,
-                                         job.config.quad.block_size, job.config.seed)
-    ids = [docs["doc_id"][int(i)] for i in positions]
-    rows = rows_from(job, ids, "exploration-only", cluster=[int(docs["cluster"][i]) for i in positions],
-                     round=[int(r) for r in rounds])
+    stages["cluster_queues"] = cluster_queues(job, keys)
+    store = DiskClusterQueues(job.workdir)
+    chosen: dict[str, list] = {"doc_id": [], "shard": [], "row": [], "n_tokens": [], "cluster": [], "round": []}
+    for cluster, start, stop, visit in exploration_blocks(store, job.budget, job.config.quad.block_size,
+                                                          job.config.seed):
+        block = store.read(cluster, start, stop)
+        chosen["doc_id"] += block.doc_id
+        chosen["shard"] += block.shard
+        chosen["row"] += block.row.tolist()
+        chosen["n_tokens"] += block.n_tokens.tolist()
+        chosen["cluster"] += [cluster] * len(block)
+        chosen["round"] += [visit] * len(block)
+    rows = located_rows(job, chosen, "exploration-only", cluster=chosen["cluster"], round=chosen["round"])
     return rows, {"stages": stages}
 
 
 def select_by_loss(job: Job):
-    """``perplexity`` (lowest mean reference loss first) or ``rho`` (highest mean excess loss first)."""
-    from selector.rho import select_by_score
-    from workers.loss_scorer import score_documents
+    """``perplexity`` (lowest mean reference loss first) or ``rho`` (highest mean excess loss first).
 
-    scored, stats = score_documents([(s, None) for s in job.shards], job.config.rho, actors=loss_workers(job),
-                                    corpus_config=job.config.corpus, progress=progress_bar(job, "losses"))
+    The loss workers write each shard's scores as a sorted run to the work dir (resumable); the
+    selection is the k-way merge of the runs (selector.ranked_selection): one row group per shard
+    in memory here, never the corpus."""
+    from selector.ranked_selection import KEY, select_from_runs
+    from workers.loss_scorer import LOSS_STAGE, score_shards
+
     column, descending = ("excess_mean", True) if job.config.method == "rho" else ("ref_mean", False)
-    finite = np.isfinite(scored[column].to_numpy(zero_copy_only=False))
-    if not finite.all():  # documents too short to score have no mean loss; they are counted, not selected
-        stats = dict(stats, unscored_documents=int((~finite).sum()))
-        scored = scored.filter(pa.array(finite))
-    idx = select_by_score(scored["doc_id"].to_pylist(), scored[column].to_pylist(), scored["n_tokens"].to_pylist(),
-                          job.budget, descending=descending)
-    chosen = scored.take(pa.array(np.asarray(idx, dtype=np.int64)))
-    rows = rows_from(job, chosen["doc_id"].to_pylist(), job.config.method, score=chosen[column].to_pylist())
+    job_hash = job.config.stage_hash("corpus", "tokenizer", "rho", extra={"method": job.config.method})
+    stats = score_shards(job.shards, job.config.rho, job.workdir, job_hash, column, descending,
+                         actors=loss_workers(job), progress=progress_bar(job, "losses"))
+    keys = stats.pop("keys")
+    runs = [job.workdir.iter_row_groups(LOSS_STAGE, k, columns=[KEY, "doc_id", "shard", "row", "n_tokens", column])
+            for k in keys]
+    chosen = select_from_runs(runs, job.budget, stats.pop("min_tokens"), columns=("shard", "row", "n_tokens", column))
+    rows = located_rows(job, chosen, job.config.method, score=[float(x) for x in chosen[column]])
     return rows, {"stages": {"losses": stats}}
 
 
@@ -503,7 +515,7 @@ def located_rows(job: Job, chosen: dict[str, list], method: str, **columns: list
 
 def rows_from(job: Job, doc_ids: list[str], method: str, **columns: list) -> dict[str, list]:
     """Manifest rows for ``doc_ids``, located through the index (:meth:`Job.documents`: O(documents);
-    the methods that select by id use it: exploration-only, perplexity, rho, gtp)."""
+    gtp, which selects by id, uses it)."""
     docs = job.documents()
     position = {d: i for i, d in enumerate(docs["doc_id"].to_pylist())}
     chosen = docs.take(pa.array([position[d] for d in doc_ids], type=pa.int64()))

@@ -12,12 +12,13 @@ selection order until the next one would pass the budget, and selection stops th
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from selector.bandit import arm_priority
 from selector.index import hash_keys
+from selector.cluster_queues import ClusterQueueStore
 from selector.quad import ClusterQueues, seeded_rng
 
 
@@ -56,31 +57,42 @@ def exploration_only(doc_ids: Sequence[str], clusters: Sequence[int], n_tokens: 
     stops) or every block is taken. Returns ``(positions, round)``: positions into the
     inputs in selection order, and the pass over the clusters (1, 2, ...) each came from.
     """
-    if block_size < 1:
-        raise ValueError("block_size must be >= 1")
     queues = ClusterQueues(doc_ids, clusters, n_tokens, seed)
-    budget = int(budget_tokens)
-    cluster_ids = queues.cluster_ids.tolist()
-    visit_order = sorted(cluster_ids, key=lambda c: (arm_priority(seed, c), c))
-    n_blocks = {c: -(-queues.size(c) // block_size) for c in cluster_ids}
-    block_order = {c: seeded_rng(seed, 2, c).permutation(n_blocks[c]) for c in cluster_ids}
     chosen: list[np.ndarray] = []
     rounds: list[np.ndarray] = []
+    for cluster, start, stop, visit in exploration_blocks(queues, budget_tokens, block_size, seed):
+        sl = queues.slice(cluster, start, stop)
+        chosen.append(queues.order[sl])
+        rounds.append(np.full(stop - start, visit, np.int64))
+    return _concat(chosen), _concat(rounds)
+
+
+def exploration_blocks(store: ClusterQueueStore, budget_tokens: int, block_size: int = 64,
+                       seed: int = 0) -> Iterator[tuple[int, int, int, int]]:
+    """The blocks :func:`exploration_only` takes, on any queue store (in memory, or the work dir's
+    :class:`selector.cluster_queues.DiskClusterQueues`: one block read at a time, O(clusters) state):
+    ``(cluster, start, stop, visit)`` queue ranges in selection order (the last one trimmed to fit)."""
+    if block_size < 1:
+        raise ValueError("block_size must be >= 1")
+    budget = int(budget_tokens)
+    cluster_ids = [int(c) for c in store.cluster_ids.tolist()]
+    visit_order = sorted(cluster_ids, key=lambda c: (arm_priority(seed, c), c))
+    n_blocks = {c: -(-store.size(c) // block_size) for c in cluster_ids}
+    block_order = {c: seeded_rng(seed, 2, c).permutation(n_blocks[c]) for c in cluster_ids}
     used = 0
     for visit in range(max(n_blocks.values(), default=0)):
         for c in visit_order:
             if visit >= n_blocks[c]:
                 continue  # this cluster is exhausted
-            b = int(block_order[c][visit])
-            sl = queues.slice(c, b * block_size, min((b + 1) * block_size, queues.size(c)))
-            take = _prefix_within(queues.n_tokens[sl], budget - used)
-            positions = queues.order[sl][:take]
-            chosen.append(positions)
-            rounds.append(np.full(take, visit + 1, np.int64))
-            used += int(queues.n_tokens[sl][:take].sum())
-            if take < sl.stop - sl.start or used >= budget:
-                return _concat(chosen), _concat(rounds)
-    return _concat(chosen), _concat(rounds)
+            start = int(block_order[c][visit]) * block_size
+            stop = min(start + block_size, store.size(c))
+            tokens = store.read(c, start, stop).n_tokens
+            take = _prefix_within(tokens, budget - used)
+            if take:
+                yield c, start, start + take, visit + 1
+            used += int(tokens[:take].sum())
+            if take < stop - start or used >= budget:
+                return
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:

@@ -138,12 +138,23 @@ class WorkDir:
         return keys
 
     # -- tables (parquet) ----------------------------------------------------------------
-    def write_table(self, stage: str, key: str, table: pa.Table, config_hash: str, stats: dict | None = None) -> str:
+    def write_table(self, stage: str, key: str, table: pa.Table, config_hash: str, stats: dict | None = None,
+                    row_group_size: int | None = None) -> str:
         """Write a stage's table output for ``key``, then its done marker."""
         path = self._output(stage, key, "parquet")
-        atomic_write_bytes(self.fs, path, table_to_parquet_bytes(table))
+        atomic_write_bytes(self.fs, path, table_to_parquet_bytes(table, row_group_size))
         self.mark_done(stage, key, config_hash, stats)
         return path
+
+    def iter_row_groups(self, stage: str, key: str, columns: list[str] | None = None):
+        """``key``'s table one row group at a time, the file opened per group (so thousands of
+        these generators can be open at once without as many file handles)."""
+        path = self._output(stage, key, "parquet")
+        with self.fs.open(path, "rb") as f:
+            groups = pq.ParquetFile(f).metadata.num_row_groups
+        for i in range(groups):
+            with self.fs.open(path, "rb") as f:
+                yield pq.ParquetFile(f).read_row_group(i, columns=columns)
 
     def read_table(self, stage: str, key: str, columns: list[str] | None = None) -> pa.Table:
         path = self._output(stage, key, "parquet")

@@ -135,3 +135,22 @@ def test_quad_on_the_disk_store_equals_quad_in_memory_round_by_round(tmp_path, a
     # a checkpoint taken in memory resumes on disk (same fingerprint)
     resumed = QuadSelector.from_dict(memory.to_dict(), neighbours=neighbours, store=disk)
     assert resumed.selection() == memory.selection()
+
+
+@pytest.mark.parametrize("budget", [0, 500, 3000, 10**9])
+def test_exploration_blocks_on_the_disk_store_take_what_exploration_only_takes_in_memory(tmp_path, budget):
+    from selector.baselines import exploration_blocks, exploration_only
+
+    workdir, keys, _, _, disk, _ = _stores(tmp_path)
+    docs, _ = load_cluster_inputs(workdir, keys)
+    positions, rounds = exploration_only(docs["doc_id"], docs["cluster"], docs["n_tokens"], budget, block_size=8,
+                                         seed=3)
+    got_ids, got_rounds = [], []
+    for cluster, start, stop, visit in exploration_blocks(disk, budget, block_size=8, seed=3):
+        block = disk.read(cluster, start, stop)
+        got_ids += block.doc_id
+        got_rounds += [visit] * len(block)
+        assert block.shard and all(s.startswith("data/") for s in block.shard)  # located, no id lookup needed
+    assert got_ids == [docs["doc_id"][i] for i in positions]
+    assert got_rounds == rounds.tolist()
+    assert disk.cached_rows() <= 2 * 16  # two row groups cached, whatever was walked

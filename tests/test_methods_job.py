@@ -173,6 +173,20 @@ def test_perplexity_and_rho_with_token_masks(ray_local, corpus, tmp_path, tiny_t
                                                 rho=rho_section)), **QUIET))
     check_rows(ppl, corpus[1], "perplexity")
     assert ppl.table["score"].to_pylist() == sorted(ppl.table["score"].to_pylist())  # lowest loss first
+    # the merge of the per-shard runs the workers wrote selects what one greedy pass over all scores does
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from selector.rho import select_by_score
+
+    runs = sorted((tmp_path / "p" / "runs").glob("*/losses/*.parquet"))
+    assert len(runs) == 3  # one per shard
+    scores = pa.concat_tables([pq.read_table(r) for r in runs])
+    losses = ppl.summary["stages"]["losses"]
+    assert losses["documents"] == len(corpus[1]) == scores.num_rows + losses["unscored_documents"]
+    want = select_by_score(scores["doc_id"].to_pylist(), scores["ref_mean"].to_numpy(), scores["n_tokens"].to_numpy(),
+                           ppl.summary["budget"]["tokens"], descending=False)
+    assert ppl.table["doc_id"].to_pylist() == scores.take(pa.array(want, pa.int64()))["doc_id"].to_pylist()
 
     rho = read_manifest(run(parse_config(config(corpus, tmp_path / "r", tiny_tokenizer_dir, method="rho",
                                                 rho=rho_section, mask_tokens=True)), **QUIET))

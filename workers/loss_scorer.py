@@ -5,8 +5,10 @@ Each :class:`LossWorker` holds both models (one GPU each when the cluster has GP
 
 Two driver-side entry points:
 
-* :func:`score_documents` — document scores for ``method: perplexity`` (mean reference loss)
-  and ``method: rho`` (mean excess loss). Only per-document numbers travel to the driver.
+* :func:`score_shards` — document scores for ``method: perplexity`` (mean reference loss)
+  and ``method: rho`` (mean excess loss), written per shard by the workers to the work dir as
+  sorted runs (:mod:`selector.ranked_selection`); only per-shard counts travel to the driver.
+  (:func:`score_documents` returns the scores of given batches instead: tests and benches.)
 * :func:`compute_token_masks` — the ``mask`` stage over a selection. Global-sketch mode is
   two-phase so per-token losses never leave the workers: (1) every worker scores its batches,
   keeps their excess losses and returns a histogram; (2) the driver merges the histograms,
@@ -82,6 +84,24 @@ class LossWorker:
         return {"doc_id": batch.doc_ids, "shard": [batch.shard] * len(batch), "row": batch.rows,
                 "n_tokens": ref.n_tokens, "ref_mean": mean_scores(ref.losses), "train_mean": mean_scores(train.losses),
                 "excess_mean": mean_scores(excess), "skipped": ref.skipped, "tokens_scored": ref.tokens_scored}
+
+    def score_shard(self, item: tuple, work: tuple, stage: str, column: str, descending: bool) -> dict:
+        """Score a whole shard (``item = (ShardInfo, config_hash)``) and write its scores to the
+        work dir as a run sorted by the method's order (:mod:`selector.ranked_selection`), then its
+        done marker; only the shard's counts come back. Written whole then marked, so a retried
+        call after a restart just writes it again."""
+        from selector.ranked_selection import ROW_GROUP, sort_run
+        from selector.workdir import WorkDir, shard_key
+
+        shard, config_hash = item
+        part = self.score((shard, None))
+        table = _score_table([part])
+        run, unscored = sort_run(table, column, descending)
+        tokens = run["n_tokens"].to_numpy()
+        stats = {"shard": shard.relpath, "n_docs": table.num_rows, "unscored": unscored, "skipped": part["skipped"],
+                 "tokens_scored": int(part["tokens_scored"]), "min_tokens": int(tokens.min()) if tokens.size else 0}
+        WorkDir(*work).write_table(stage, shard_key(shard.relpath), run, config_hash, stats, row_group_size=ROW_GROUP)
+        return stats
 
     def score_for_masks(self, item, mode: str) -> dict:
         """Score a work item for the mask stage. ``mode``: 'sketch' keeps the losses here and
@@ -230,14 +250,44 @@ def score_documents(batches: Iterable[DocumentBatch], config: RhoConfig, storage
         if own:
             for a in actors:
                 ray.kill(a)
-    cols = ["doc_id", "shard", "row", "n_tokens", "ref_mean", "train_mean", "excess_mean"]
-    data = {c: [v for p in parts for v in p[c]] for c in cols}
-    table = pa.table({"doc_id": pa.array(data["doc_id"], pa.string()), "shard": pa.array(data["shard"], pa.string()),
-                      "row": pa.array(data["row"], pa.int64()), "n_tokens": pa.array(data["n_tokens"], pa.int64()),
-                      **{c: pa.array(np.asarray(data[c], dtype=np.float64)) for c in cols[4:]}})
+    table = _score_table(parts)
     stats = {"skipped": _sum_skips(parts), "tokens_scored": int(sum(p["tokens_scored"] for p in parts)),
              "documents": table.num_rows}
     return table, stats
+
+
+def _score_table(parts: list[dict]) -> pa.Table:
+    cols = ["doc_id", "shard", "row", "n_tokens", "ref_mean", "train_mean", "excess_mean"]
+    data = {c: [v for p in parts for v in p[c]] for c in cols}
+    return pa.table({"doc_id": pa.array(data["doc_id"], pa.string()), "shard": pa.array(data["shard"], pa.string()),
+                     "row": pa.array(data["row"], pa.int64()), "n_tokens": pa.array(data["n_tokens"], pa.int64()),
+                     **{c: pa.array(np.asarray(data[c], dtype=np.float64)) for c in cols[4:]}})
+
+
+LOSS_STAGE = "losses"  # per-shard score runs of perplexity / rho (selector.ranked_selection)
+
+
+def score_shards(shards: list, config: RhoConfig, workdir, job_hash: str, column: str, descending: bool,
+                 actors: list, progress: Callable[[int], None] | None = None) -> dict:
+    """Score every shard not already done under ``job_hash`` (resume), each written by its actor to
+    ``losses/<shard key>.parquet`` as a sorted run; returns the totals and ``min_tokens`` (the
+    shortest scored document), read from the done markers of skipped shards. O(shards) here."""
+    from selector.embedding import shard_config_hash
+    from selector.workdir import shard_key, stable_hash
+
+    hashes = {s.relpath: stable_hash({"job": job_hash, "shard": shard_config_hash({}, None, s)}) for s in shards}
+    todo = [s for s in shards if not workdir.is_done(LOSS_STAGE, shard_key(s.relpath), hashes[s.relpath])]
+    per_shard = [(workdir.read_marker(LOSS_STAGE, shard_key(s.relpath)) or {}).get("stats", {})
+                 for s in shards if s not in todo]
+    work = (workdir.root, workdir.run_id, workdir.storage_options)
+    per_shard += _run(actors, "score_shard", [(s, hashes[s.relpath]) for s in todo],
+                      (work, LOSS_STAGE, column, descending), progress=progress)
+    mins = [int(p["min_tokens"]) for p in per_shard if p.get("n_docs", 0) - p.get("unscored", 0) > 0]
+    return {"skipped": _sum_skips(per_shard), "tokens_scored": int(sum(p["tokens_scored"] for p in per_shard)),
+            "documents": int(sum(p["n_docs"] for p in per_shard)),
+            "unscored_documents": int(sum(p["unscored"] for p in per_shard)),
+            "shards_scored": len(todo), "shards_skipped": len(shards) - len(todo),
+            "min_tokens": min(mins) if mins else 0, "keys": [shard_key(s.relpath) for s in shards]}
 
 
 def compute_token_masks(batches: Iterable[DocumentBatch], config: RhoConfig, storage_options: dict | None = None,
