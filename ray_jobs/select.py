@@ -418,14 +418,16 @@ def embed_and_cluster(job: Job) -> tuple[list[str], dict]:
 
 
 def cluster_queues(job: Job, keys: list[str]) -> dict:
-    """Stage 3b (quad): every cluster's queue in seeded hash order, one Parquet file per cluster in the
-    work dir (selector.cluster_queues; a loop in the driver, one shard then one cluster partition in
-    memory at a time). Entries name their shard by its path relative to the corpus."""
+    """Stage 3b (quad, exploration-only): every cluster's queue in seeded hash order, one Parquet file per
+    cluster in the work dir (selector.cluster_queues; Ray tasks per shard, then per cluster partition:
+    the driver adds up O(clusters) counts). Entries name their shard by its path relative to the corpus."""
     from selector.cluster_queues import write_cluster_queues
     from selector.workdir import shard_key
+    from workers.clusterer import queue_calls_on_ray
 
     names = {shard_key(s.relpath): s.relpath for s in job.shards}
-    info = write_cluster_queues(job.workdir, keys, job.config.seed, shard_names=names)
+    info = write_cluster_queues(job.workdir, keys, job.config.seed, shard_names=names,
+                                map_calls=queue_calls_on_ray(num_cpus=job.config.ray.worker_num_cpus))
     job.log(f"cluster queues: {info['clusters']} clusters, {info['documents']:,} documents"
             + (" (already written)" if info["skipped"] else ""))
     return {k: info[k] for k in ("clusters", "documents", "skipped")}

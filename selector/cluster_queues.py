@@ -30,9 +30,10 @@ The fingerprint (what a bandit checkpoint is checked against) is
 with ``cluster_hash = sha256("\\n".join(doc_ids in queue order) + n_tokens as little-endian int64)[:32]``.
 Both stores compute it the same way, so a checkpoint taken over one resumes over the other.
 
-Writing the queues (:func:`write_cluster_queues`), a plain loop in the calling process with memory
-bounded by one shard, then by one partition of clusters (no Ray here; a Ray wrapper can fan out the
-two phases, which are independent per shard and per partition):
+Writing the queues (:func:`write_cluster_queues`): two phases, independent per shard and per
+partition, run by a ``map_calls`` function (no Ray here: by default a loop in the calling process,
+memory bounded by one shard, then by one partition of clusters; the select job passes
+:func:`workers.clusterer.queue_calls_on_ray`, which runs each unit as a Ray task):
 
 1. *sort* -- per shard (in sorted key order): read ``cluster/<key>.parquet``, compute the hash keys,
    stable-sort by ``(cluster, key)``, write ``cluster_queues_sorted/<key>.parquet`` (row groups of
@@ -57,7 +58,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -72,6 +73,8 @@ META_KEY = "queues"
 QUEUE_FORMAT = 1
 ROW_GROUP_SIZE = 4096
 MAX_PARTITION_DOCS = 2_000_000
+
+MapCalls = Callable[[Callable, Iterable[tuple]], Iterator]  # (fn, argument tuples) -> results in call order
 
 
 @dataclass(frozen=True)
@@ -383,15 +386,24 @@ def partition_clusters(counts: dict[int, int], max_docs: int) -> list[list[int]]
     return parts
 
 
+def _in_process(fn: Callable, calls: Iterable[tuple]) -> Iterator:
+    for args in calls:
+        yield fn(*args)
+
+
 def write_cluster_queues(workdir: WorkDir, keys: Iterable[str], seed: int,
                          shard_names: dict[str, str] | None = None, row_group_size: int = ROW_GROUP_SIZE,
-                         max_partition_docs: int = MAX_PARTITION_DOCS) -> dict:
+                         max_partition_docs: int = MAX_PARTITION_DOCS, map_calls: MapCalls | None = None) -> dict:
     """The queue step (see the module docstring) over the cluster stage's shards ``keys``.
 
     ``shard_names``: ``{shard key: name}`` recorded as the entries' ``shard`` (e.g. the shard's
     relative path; default: the key). Returns ``{"clusters", "documents", "skipped", "config_hash"}``.
-    A plain loop in this process: memory is bounded by one shard (phase 1), then by one partition.
+    ``map_calls(fn, calls)`` runs ``fn(*args)`` for each ``args`` (first: the work dir) and yields
+    the results in call order: by default a loop in this process (memory bounded by one shard in
+    phase 1, then by one partition); :func:`workers.clusterer.queue_calls_on_ray` runs them as Ray
+    tasks, so the caller holds only O(clusters) (the counts, then the per-cluster metadata).
     """
+    run_calls = map_calls or _in_process
     keys = sorted(keys)
     names = [(shard_names or {}).get(k, k) for k in keys]
     layout = {"format": QUEUE_FORMAT, "seed": int(seed), "row_group_size": int(row_group_size)}
@@ -402,13 +414,15 @@ def write_cluster_queues(workdir: WorkDir, keys: Iterable[str], seed: int,
         stats = workdir.read_marker(QUEUE_STAGE, META_KEY)["stats"]
         return dict(stats, skipped=True, config_hash=config_hash)
     counts: dict[int, int] = {}
-    for key, h in zip(keys, shard_hashes):
-        for c, n in sort_shard(workdir, key, seed, h, row_group_size)["counts"]:
+    for stats in run_calls(sort_shard, ((workdir, key, seed, h, row_group_size) for key, h in zip(keys, shard_hashes))):
+        for c, n in stats["counts"]:
             counts[c] = counts.get(c, 0) + n
     meta: list[list] = []
-    for clusters in partition_clusters(counts, max_partition_docs):
-        partition_hash = stable_hash({"config": config_hash, "clusters": clusters})
-        meta.extend(merge_partition(workdir, keys, clusters, partition_hash, row_group_size))
+    partitions = partition_clusters(counts, max_partition_docs)
+    for part_meta in run_calls(merge_partition, ((workdir, keys, clusters,
+                                                  stable_hash({"config": config_hash, "clusters": clusters}),
+                                                  row_group_size) for clusters in partitions)):
+        meta.extend(part_meta)
     fingerprint = store_fingerprint(*zip(*meta)) if meta else store_fingerprint([], [], [], [])
     payload = {**layout, "shards": names, "clusters": meta, "fingerprint": fingerprint}
     stats = {"clusters": len(meta), "documents": int(sum(m[1] for m in meta)), "fingerprint": fingerprint}

@@ -154,3 +154,17 @@ def test_exploration_blocks_on_the_disk_store_take_what_exploration_only_takes_i
     assert got_ids == [docs["doc_id"][i] for i in positions]
     assert got_rounds == rounds.tolist()
     assert disk.cached_rows() <= 2 * 16  # two row groups cached, whatever was walked
+
+
+def test_the_queue_step_as_ray_tasks_writes_what_the_in_process_loop_writes(ray_local, tmp_path):
+    from workers.clusterer import queue_calls_on_ray
+
+    ids, clusters, tokens = _corpus(SIZES)
+    out = {}
+    for name, calls in (("loop", None), ("ray", queue_calls_on_ray(num_cpus=0.25, in_flight=2))):
+        workdir = WorkDir(str(tmp_path / name), "queues")
+        keys = write_cluster_stage(workdir, ids, clusters, tokens, n_shards=4)
+        info = write_cluster_queues(workdir, keys, 3, row_group_size=16, max_partition_docs=50, map_calls=calls)
+        store = DiskClusterQueues(workdir)
+        out[name] = (info["fingerprint"], [store.read(c, 0, store.size(c)).doc_id for c in store.cluster_ids])
+    assert out["ray"] == out["loop"]

@@ -5,6 +5,9 @@ has one and faiss-gpu is installed there) that samples the embeddings, picks k a
 the centroids; the assignment tasks each read the centroids and one shard's embeddings
 from the work dir, so no large array passes through the driver. The driver then writes the
 cluster and neighbour tables (streaming the per-shard assignment files).
+
+:func:`queue_calls_on_ray` runs Quad's queue step (selector.cluster_queues) as Ray tasks: one per
+shard to sort, one per cluster partition to merge.
 """
 
 from __future__ import annotations
@@ -86,4 +89,30 @@ def cluster_corpus(workdir: WorkDir, keys: list[str], config: ClusterConfig, pro
     }
 
 
-__all__ = ["cluster_corpus"]
+@ray.remote
+def _queue_task(name: str, work: tuple, *args):
+    from selector import cluster_queues
+
+    return getattr(cluster_queues, name)(WorkDir(*work), *args)
+
+
+def queue_calls_on_ray(num_cpus: float = 0.5, in_flight: int = 8):
+    """``map_calls`` for :func:`selector.cluster_queues.write_cluster_queues`: each phase unit (one
+    shard's sort, one partition's merge) as a Ray task, at most ``in_flight`` at a time, results
+    yielded in call order as they are needed (the caller adds each shard's cluster counts before the
+    next arrives, so it holds O(clusters), never O(shards x clusters))."""
+
+    def run(fn, calls):
+        pending = []
+        for workdir, *args in calls:
+            work = (workdir.root, workdir.run_id, workdir.storage_options)
+            pending.append(_queue_task.options(**job_env(num_cpus=num_cpus)).remote(fn.__name__, work, *args))
+            if len(pending) >= in_flight:
+                yield ray.get(pending.pop(0))
+        while pending:
+            yield ray.get(pending.pop(0))
+
+    return run
+
+
+__all__ = ["cluster_corpus", "queue_calls_on_ray"]
