@@ -97,7 +97,7 @@ def manifest_show(uri: str = typer.Argument(..., help="Manifest URI (<root>/mani
     from selector.manifest import read_manifest
 
     try:
-        manifest = read_manifest(uri, json.loads(storage_options) if storage_options else None)
+        manifest = read_manifest(uri, json.loads(storage_options) if storage_options else None, head=rows)
     except ThresherError as exc:
         _fail(exc)
     _print_manifest(manifest, rows)

@@ -208,8 +208,13 @@ def unpack_mask(packed: bytes, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=n, bitorder="little").astype(bool)
 
 
-def read_manifest(uri: str, storage_options: dict | None = None, columns: list[str] | None = None) -> Manifest:
-    """Read a committed manifest; refuse an uncommitted or partial one with a clear error."""
+def read_manifest(uri: str, storage_options: dict | None = None, columns: list[str] | None = None,
+                  head: int | None = None) -> Manifest:
+    """Read a committed manifest; refuse an uncommitted or partial one with a clear error.
+
+    ``head``: only the first ``head`` rows are read (for showing a manifest: O(head), whatever its
+    size); every part is still checked to exist with the row count manifest.json gives, from the
+    Parquet footers alone."""
     fs, path = open_fs(uri, storage_options)
     if not fs.exists(path):
         raise ManifestError(f"no manifest at {uri}")
@@ -222,21 +227,44 @@ def read_manifest(uri: str, storage_options: dict | None = None, columns: list[s
     except FileNotFoundError as exc:
         raise ManifestError(f"manifest {uri} has {SUCCESS} but no {MANIFEST_JSON}: partial manifest") from exc
     tables = []
+    wanted = None if head is None else max(0, int(head))
     for part in summary.get("parts", []):
         part_path = f"{path}/{part['name']}"
         if not fs.exists(part_path):
             raise ManifestError(f"manifest {uri} is partial: {part['name']} is missing")
         with fs.open(part_path, "rb") as f:
-            table = pq.read_table(f, columns=columns)
-        if table.num_rows != part["rows"]:
-            raise ManifestError(f"manifest {uri} is partial: {part['name']} has {table.num_rows} rows, "
+            if wanted is None:
+                table = pq.read_table(f, columns=columns)
+                n_rows = table.num_rows
+            else:
+                pf = pq.ParquetFile(f)
+                n_rows = pf.metadata.num_rows
+                table = None
+                if wanted > 0:
+                    table = _first_rows(pf, wanted, columns)
+                    wanted -= table.num_rows
+        if n_rows != part["rows"]:
+            raise ManifestError(f"manifest {uri} is partial: {part['name']} has {n_rows} rows, "
                                 f"manifest.json says {part['rows']}")
-        tables.append(table)
+        if table is not None:
+            tables.append(table)
     if tables:
         table = pa.concat_tables(tables)
     else:
         table = MANIFEST_SCHEMA.empty_table() if columns is None else MANIFEST_SCHEMA.empty_table().select(columns)
     return Manifest(uri=uri, summary=summary, table=table)
+
+
+def _first_rows(pf: pq.ParquetFile, n: int, columns: list[str] | None) -> pa.Table:
+    """The first ``n`` rows of a Parquet file, reading only the row groups that hold them."""
+    parts, have = [], 0
+    for g in range(pf.num_row_groups):
+        if have >= n:
+            break
+        t = pf.read_row_group(g, columns=columns)
+        parts.append(t)
+        have += t.num_rows
+    return pa.concat_tables(parts).slice(0, n)
 
 
 def list_manifests(root: str, storage_options: dict | None = None) -> list[dict[str, Any]]:

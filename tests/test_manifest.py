@@ -142,3 +142,29 @@ def test_extra_files_are_staged_and_committed_with_the_manifest(tmp_path):
     assert (final / "delta.parquet").read_bytes() == b"delta bytes"
     assert manifest.summary["extras"] == ["delta.parquet"] and len(manifest) == 2
     assert not list((tmp_path / "manifests" / "_staging").glob("*"))
+
+
+@pytest.mark.parametrize("head", [0, 1, 3, 5, 50])
+def test_head_reads_the_first_rows_and_checks_every_part(tmp_path, head):
+    writer = ManifestWriter(str(tmp_path), "run-h", rows_per_part=2)
+    writer.write(selection_table(rows(5)))
+    uri = writer.commit({})
+    whole = read_manifest(uri)
+    part = read_manifest(uri, head=head)
+    assert part.table.to_pylist() == whole.table.slice(0, head).to_pylist()
+    assert part.summary == whole.summary
+    (tmp_path / "manifests" / "run-h" / "part-00002.parquet").unlink()  # past the head: still checked
+    with pytest.raises(ManifestError, match="part-00002.parquet is missing"):
+        read_manifest(uri, head=head)
+
+
+def test_head_of_a_part_with_wrong_row_count_is_refused(tmp_path):
+    writer = ManifestWriter(str(tmp_path), "run-hw")
+    writer.write(selection_table(rows(4)))
+    uri = writer.commit({})
+    meta = tmp_path / "manifests" / "run-hw" / "manifest.json"
+    body = json.loads(meta.read_text())
+    body["parts"][0]["rows"] = 99
+    meta.write_text(json.dumps(body))
+    with pytest.raises(ManifestError, match="has 4 rows, manifest.json says 99"):
+        read_manifest(uri, head=1)
