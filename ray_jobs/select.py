@@ -265,19 +265,46 @@ def tau_calibration(job: Job):
     return calibrate
 
 
-def select_topk_influence(job: Job):
-    from selector.baselines import topk_influence
-    from workers.influence_stage import influence_score_fn, prepare_influence
+INFLUENCE_RUN_STAGE = "influence_runs"  # topk-influence: per-shard influence scores, ranked
 
-    docs = job.documents()  # it ranks every document: O(documents) by definition
+
+def select_topk_influence(job: Job):
+    """Influence of every document, highest first under the budget (selector.baselines.topk_influence).
+
+    Each influence worker scores whole shards (texts from the shard readers, never through the
+    driver) and writes each as a ranked run to the work dir (resumable per shard); the selection is
+    the k-way merge of the runs (selector.ranked_selection, rule ``prefix``, ties by hash key)."""
+    from selector.embedding import shard_config_hash
+    from selector.ranked_selection import KEY, select_from_runs
+    from selector.workdir import shard_key, stable_hash
+    from workers.influence import RUN_STAGE
+    from workers.influence_stage import prepare_influence
+    from workers.runtime import round_robin
+    from workers.shard_reader import shard_routes
+
     workers = prepare_influence(job.config, job.workdir, job.readers, job.progress, job.log)
-    scores = score_all(job, influence_score_fn(workers, job.readers), docs)
-    positions = topk_influence(docs["doc_id"].to_pylist(), docs["n_tokens"].to_pylist(), scores, job.budget,
-                               job.config.seed)
-    chosen = docs.take(pa.array(np.asarray(positions, dtype=np.int64)))
-    rows = located_rows(job, chosen.select(["doc_id", "shard", "row", "n_tokens"]).to_pydict(), "topk-influence",
-                        score=[float(scores[i]) for i in positions])
-    return rows, {"stages": {"influence": {"scored_documents": len(scores)}}}
+    job_hash = job.config.stage_hash("corpus", "tokenizer", "proxy_model", "influence", "factors", "seed", "reference")
+    hashes = {s.relpath: stable_hash({"job": job_hash, "shard": shard_config_hash({}, None, s)}) for s in job.shards}
+    keys = {s.relpath: shard_key(s.relpath) for s in job.shards}
+    todo = [s for s in job.shards if not job.workdir.is_done(RUN_STAGE, keys[s.relpath], hashes[s.relpath])]
+    per_shard = [(job.workdir.read_marker(RUN_STAGE, keys[s.relpath]) or {}).get("stats", {})
+                 for s in job.shards if s not in todo]
+    routes = shard_routes(job.readers)
+    work = (job.workdir.root, job.workdir.run_id, job.workdir.storage_options)
+    # one call per shard, with its reader: the worker fetches the texts itself
+    per_shard += round_robin(workers, "score_shard",
+                             [(s.relpath, hashes[s.relpath], job.readers[routes[s.relpath]]) for s in todo],
+                             (work, job.config.seed), progress=progress_bar(job, "influence"))
+    runs = [job.workdir.iter_row_groups(RUN_STAGE, keys[s.relpath],
+                                        columns=[KEY, "hash_key", "doc_id", "shard", "row", "n_tokens", "score"])
+            for s in job.shards]
+    mins = [int(p["min_tokens"]) for p in per_shard if p["n_docs"] - p["unscored"] > 0]
+    chosen = select_from_runs(runs, job.budget, min(mins) if mins else 0, columns=("shard", "row", "n_tokens", "score"),
+                              tie="hash_key", rule="prefix")
+    rows = located_rows(job, chosen, "topk-influence", score=[float(x) for x in chosen["score"]])
+    return rows, {"stages": {"influence": {"scored_documents": int(sum(p["n_docs"] for p in per_shard)),
+                                           "unscored_documents": int(sum(p["unscored"] for p in per_shard)),
+                                           "shards_scored": len(todo), "shards_skipped": len(job.shards) - len(todo)}}}
 
 
 def select_exploration_only(job: Job):
@@ -480,24 +507,6 @@ def model_identities(config: JobConfig) -> dict:
     if config.method in ("quad", "exploration-only"):
         models["encoder"] = config.embed.model
     return models
-
-
-def score_all(job: Job, score_fn, docs: pa.Table, chunk: int = 256) -> np.ndarray:
-    """Influence of every document of ``docs`` (``doc_id, shard, row`` columns), read by location,
-    in chunks, with progress."""
-    from tqdm import tqdm
-
-    from workers.bandit import ScoreRequest
-
-    ids, shards, rows = (docs[name].to_pylist() for name in ("doc_id", "shard", "row"))
-    scores: list[float] = []
-    with tqdm(total=len(ids), desc="influence", unit="doc", disable=not job.progress, file=sys.stderr,
-              mininterval=0.5) as bar:
-        for start in range(0, len(ids), chunk):
-            end = start + chunk
-            scores.extend(score_fn([ScoreRequest(-1, ids[start:end], shards[start:end], rows[start:end])])[0])
-            bar.update(len(ids[start:end]))
-    return np.asarray(scores, dtype=np.float64)
 
 
 def located_rows(job: Job, chosen: dict[str, list], method: str, **columns: list) -> dict[str, list]:

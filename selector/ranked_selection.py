@@ -7,7 +7,10 @@ highest-first; ties by doc id) the selection is
 
     S = { o_j : n(o_j) + sum_{i < j, o_i in S} n(o_i) <= B }
 
-which is :func:`selector.rho.select_by_score` over the whole corpus. Here the corpus is never
+which is :func:`selector.rho.select_by_score` over the whole corpus (``rule="fill"``). ``topk-influence``
+uses the same walk with highest influence first, ties by the seeded hash key, and ``rule="prefix"``:
+the selection stops at the first document that would overshoot
+(:func:`selector.baselines.topk_influence`). Here the corpus is never
 gathered: each shard's scores are written as a *run* sorted by ``(k, doc_id)``
 (:func:`sort_run`), and :func:`select_from_runs` walks the k-way merge of the runs, reading each
 run a row group at a time. Because ``S`` depends only on the global order, the result is the
@@ -22,7 +25,7 @@ and counts them, so they are reported, not silently lost.
 from __future__ import annotations
 
 import heapq
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -34,11 +37,12 @@ KEY = "order_key"
 ROW_GROUP = 1024  # rows per row group of a run: what the merge holds per shard
 
 
-def sort_run(table: pa.Table, column: str, descending: bool) -> tuple[pa.Table, int]:
+def sort_run(table: pa.Table, column: str, descending: bool, tie: str = "doc_id") -> tuple[pa.Table, int]:
     """``table`` (``doc_id, n_tokens, <column>``, ...) as a run: rows with a finite ``column``,
-    an ``order_key`` column (``column`` or its negation), sorted by ``(order_key, doc_id)``.
+    an ``order_key`` column (``column`` or its negation), sorted by ``(order_key, tie)`` (``tie``: a
+    column that orders equal scores; doc ids unless the method says otherwise, e.g. a seeded hash key).
     Returns ``(run, dropped)``: ``dropped`` rows had no finite score."""
-    for name in ("doc_id", "n_tokens", column):
+    for name in ("doc_id", "n_tokens", column, tie):
         if name not in table.column_names:
             raise StageError(f"sort_run: the scores table has no {name!r} column")
     score = table[column].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -46,46 +50,51 @@ def sort_run(table: pa.Table, column: str, descending: bool) -> tuple[pa.Table, 
     kept = table.filter(pa.array(finite)) if not finite.all() else table
     key = -score[finite] if descending else score[finite]
     kept = kept.append_column(KEY, pa.array(key + 0.0, pa.float64()))  # + 0.0: -0.0 -> 0.0, one tie class
-    order = pc.sort_indices(kept, sort_keys=[(KEY, "ascending"), ("doc_id", "ascending")])
+    order = pc.sort_indices(kept, sort_keys=[(KEY, "ascending"), (tie, "ascending")])
     return kept.take(order), int((~finite).sum())
 
 
-RunReader = Callable[[], Iterable[pa.Table]]
-
-
-def _rows(batches: Iterable[pa.Table], columns: list[str]) -> Iterator[tuple]:
+def _rows(batches: Iterable[pa.Table], names: list[str]) -> Iterator[tuple]:
     for batch in batches:
-        cols = [batch[c].to_pylist() for c in (KEY, "doc_id", *columns)]
-        yield from zip(*cols)
+        yield from zip(*(batch[c].to_pylist() for c in names))
 
 
 def select_from_runs(runs: Iterable[Iterable[pa.Table]], budget_tokens: int, min_tokens: int,
-                     columns: tuple[str, ...] = ("shard", "row", "n_tokens")) -> dict[str, list]:
+                     columns: tuple[str, ...] = ("shard", "row", "n_tokens"), tie: str = "doc_id",
+                     rule: str = "fill") -> dict[str, list]:
     """The selection of the module docstring from sorted ``runs`` (each an iterable of tables,
-    in run order, as :func:`sort_run` wrote them; read lazily). Returns columns ``doc_id``,
-    ``order_key`` and ``columns`` (``n_tokens`` must be among them), best first."""
+    in run order, as :func:`sort_run` wrote them with the same ``tie``; read lazily). Returns
+    columns ``order_key``, ``tie``, ``doc_id`` and ``columns`` (``n_tokens`` must be among them), best first.
+
+    ``rule``: ``fill`` passes over a document that would overshoot and goes on (perplexity, rho);
+    ``prefix`` stops at the first such document (topk-influence, like random and Quad)."""
     if budget_tokens < 0:
         raise StageError(f"budget_tokens must be >= 0, got {budget_tokens}")
     if "n_tokens" not in columns:
         raise StageError("select_from_runs: columns must include n_tokens")
-    at = 2 + columns.index("n_tokens")
-    out: dict[str, list] = {"doc_id": [], KEY: [], **{c: [] for c in columns}}
-    names = [KEY, "doc_id", *columns]
+    if rule not in ("fill", "prefix"):
+        raise StageError(f"select_from_runs: rule must be 'fill' or 'prefix', not {rule!r}")
+    names = [KEY, tie, *(c for c in ("doc_id", *columns) if c != tie)]
+    at_tokens = names.index("n_tokens")
+    out: dict[str, list] = {name: [] for name in names}
     used, floor = 0, max(1, int(min_tokens))
     if budget_tokens < floor:
         return out
     previous = None
-    for row in heapq.merge(*(_rows(r, list(columns)) for r in runs)):
+    for row in heapq.merge(*(_rows(r, names) for r in runs)):
         if previous is not None and row[:2] < previous:
-            raise StageError(f"select_from_runs: a run is not sorted by (order_key, doc_id) at {row[1]!r}")
+            raise StageError(f"select_from_runs: a run is not sorted by (order_key, {tie}) at {row[2]!r}")
         previous = row[:2]
-        n = int(row[at])
-        if used + n <= budget_tokens:
-            for name, value in zip(names, row):
-                out[name].append(value)
-            used += n
-            if budget_tokens - used < floor:
+        n = int(row[at_tokens])
+        if used + n > budget_tokens:
+            if rule == "prefix":
                 break
+            continue
+        for name, value in zip(names, row):
+            out[name].append(value)
+        used += n
+        if budget_tokens - used < floor:
+            break
     return out
 
 

@@ -155,6 +155,18 @@ def test_baselines_on_the_same_engine(ray_local, corpus, tmp_path, tiny_tokenize
     scores = topk.table["score"].to_pylist()
     assert scores == sorted(scores, reverse=True)
     assert topk.summary["stages"]["influence"]["scored_documents"] == len(corpus[1])
+    # the merge of the per-shard ranked runs the workers wrote selects what topk_influence does over all scores
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from selector.baselines import topk_influence
+
+    runs = sorted((tmp_path / "t" / "runs").glob("*/influence_runs/*.parquet"))
+    assert len(runs) == 3  # one per shard
+    scored = pa.concat_tables([pq.read_table(r) for r in runs])
+    want = topk_influence(scored["doc_id"].to_pylist(), scored["n_tokens"].to_numpy(), scored["score"].to_numpy(),
+                          topk.summary["budget"]["tokens"], 3)
+    assert topk.table["doc_id"].to_pylist() == scored.take(pa.array(want, pa.int64()))["doc_id"].to_pylist()
 
     explore = read_manifest(run(parse_config(config(corpus, tmp_path / "e", tiny_tokenizer_dir,
                                                     method="exploration-only", **quad_sections)), **QUIET))

@@ -76,3 +76,27 @@ def test_an_unsorted_run_is_refused():
 def test_sort_run_names_a_missing_column():
     with pytest.raises(StageError, match="'ref_mean'"):
         sort_run(pa.table({"doc_id": ["a"], "n_tokens": [3]}), "ref_mean", False)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prefix_rule_with_hash_ties_selects_what_topk_influence_selects(tmp_path, seed):
+    from selector.baselines import topk_influence
+    from selector.index import hash_keys
+
+    rng = np.random.default_rng(seed)
+    tables = []
+    for t in _corpus(rng, n_shards=5, per_shard=40):
+        score = np.nan_to_num(t["score"].to_numpy(zero_copy_only=False), nan=0.5)  # topk needs every score
+        tables.append(t.set_column(t.schema.get_field_index("score"), "score", pa.array(score))
+                      .append_column("hash_key", pa.array(hash_keys(t["doc_id"].to_pylist(), seed), pa.float64())))
+    whole = pa.concat_tables(tables)
+    total = int(whole["n_tokens"].to_numpy().sum())
+    wd = WorkDir(str(tmp_path), "r")
+    for i, t in enumerate(tables):
+        wd.write_table("influence", f"k{i}", sort_run(t, "score", True, tie="hash_key")[0], "h", row_group_size=4)
+    for budget in (0, 50, total // 7, total // 2, total):
+        want = topk_influence(whole["doc_id"].to_pylist(), whole["n_tokens"].to_numpy(), whole["score"].to_numpy(),
+                              budget, seed)
+        runs = [wd.iter_row_groups("influence", f"k{i}") for i in range(len(tables))]
+        got = select_from_runs(runs, budget, 1, columns=("n_tokens", "score"), tie="hash_key", rule="prefix")
+        assert got["doc_id"] == whole.take(pa.array(want, pa.int64()))["doc_id"].to_pylist(), budget

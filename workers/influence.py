@@ -23,6 +23,9 @@ from selector.influence import InfluenceConfig
 from workers.runtime import job_env
 
 
+RUN_STAGE = "influence_runs"  # topk-influence: each shard's scores as a ranked run
+
+
 @ray.remote
 class InfluenceWorker:
     """Holds model, factors and query; scores documents by id."""
@@ -98,6 +101,38 @@ class InfluenceWorker:
         s = score_documents(self.model, self.tokenizer, texts, self.query, self.blocks, self.config)
         return {"doc_id": list(doc_ids), "score": s.score.tolist(), "n_chunks": s.n_chunks.tolist(),
                 "cosine": None if s.cosine is None else s.cosine.tolist()}
+
+
+    def score_shard(self, item: tuple, work: tuple, seed: int) -> dict:
+        """``topk-influence``'s per-shard stage: score every document of the shard (``item =
+        (relpath, config_hash, reader)``, texts from its shard reader), write them to the work dir as a run
+        ranked highest first, ties by the seeded hash key (:mod:`selector.ranked_selection`), then the
+        done marker; only counts come back. The rank score is the cosine variant with ``normalise``."""
+        import pyarrow as pa
+
+        from selector.index import hash_keys
+        from selector.influence import score_documents
+        from selector.ranked_selection import ROW_GROUP, sort_run
+        from selector.workdir import WorkDir, shard_key
+
+        relpath, config_hash, reader = item
+        if self.query is None:
+            raise RuntimeError("InfluenceWorker.score_shard: no query loaded (load_state(factors, query))")
+        docs = ray.get(reader.shard_documents.remote(relpath))
+        s = score_documents(self.model, self.tokenizer, docs["text"], self.query, self.blocks, self.config) \
+            if docs["doc_id"] else None
+        rank = [] if s is None else (s.cosine if s.cosine is not None else s.score)
+        table = pa.table({"doc_id": pa.array(docs["doc_id"], pa.string()),
+                          "shard": pa.array([relpath] * len(docs["doc_id"]), pa.string()),
+                          "row": pa.array(docs["row"], pa.int64()), "n_tokens": pa.array(docs["n_tokens"], pa.int64()),
+                          "score": pa.array(np.asarray(rank, np.float64)),
+                          "hash_key": pa.array(hash_keys(docs["doc_id"], seed) if docs["doc_id"] else np.zeros(0))})
+        run, unscored = sort_run(table, "score", True, tie="hash_key")
+        tokens = run["n_tokens"].to_numpy()
+        stats = {"shard": relpath, "n_docs": table.num_rows, "unscored": unscored,
+                 "min_tokens": int(tokens.min()) if tokens.size else 0}
+        WorkDir(*work).write_table(RUN_STAGE, shard_key(relpath), run, config_hash, stats, row_group_size=ROW_GROUP)
+        return stats
 
 
 def make_workers(n: int, model_path: str, config: InfluenceConfig | dict | None = None, *,

@@ -30,7 +30,7 @@ import ray
 from selector.corpus import Corpus, CorpusConfig, DocumentBatch, RejectSink
 from selector.errors import ModelLoadError, ThresherError
 from selector.models import require_same_tokenizer
-from workers.runtime import fit_num_cpus, job_env
+from workers.runtime import fit_num_cpus, job_env, round_robin
 from selector.rho import (ExcessHistogram, RhoConfig, excess_losses, mean_scores, pack_mask, topk_masks_exact,
                           topk_masks_per_batch)
 
@@ -202,28 +202,6 @@ def work_items(selection: pa.Table, shards: list, docs_per_item: int = 256) -> l
             for i in range(0, len(rows), docs_per_item)]
 
 
-def _run(actors, method: str, batches: Iterable[DocumentBatch], extra: tuple = (), progress=None) -> list[dict]:
-    """Round-robin ``batches`` over ``actors`` with at most two calls in flight per actor."""
-    pending: dict = {}
-    results: dict[int, dict] = {}
-    free = [a for a in actors for _ in range(2)]
-    for i, batch in enumerate(batches):
-        if not free:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            j, actor = pending.pop(done[0])
-            results[j] = ray.get(done[0])
-            free.append(actor)
-            if progress:
-                progress(len(results))
-        actor = free.pop(0)
-        pending[getattr(actor, method).remote(batch, *extra)] = (i, actor)
-    for ref, (j, _) in pending.items():
-        results[j] = ray.get(ref)
-    if progress:
-        progress(len(results))
-    return [results[i] for i in sorted(results)]
-
-
 def _sum_skips(parts: list[dict]) -> dict:
     total = {"empty": 0, "too_short": 0}
     for p in parts:
@@ -245,7 +223,7 @@ def score_documents(batches: Iterable[DocumentBatch], config: RhoConfig, storage
     own = actors is None
     actors = actors or start_workers(config, storage_options, corpus_config)
     try:
-        parts = _run(actors, "score", batches, progress=progress)
+        parts = round_robin(actors, "score", batches, progress=progress)
     finally:
         if own:
             for a in actors:
@@ -280,7 +258,7 @@ def score_shards(shards: list, config: RhoConfig, workdir, job_hash: str, column
     per_shard = [(workdir.read_marker(LOSS_STAGE, shard_key(s.relpath)) or {}).get("stats", {})
                  for s in shards if s not in todo]
     work = (workdir.root, workdir.run_id, workdir.storage_options)
-    per_shard += _run(actors, "score_shard", [(s, hashes[s.relpath]) for s in todo],
+    per_shard += round_robin(actors, "score_shard", [(s, hashes[s.relpath]) for s in todo],
                       (work, LOSS_STAGE, column, descending), progress=progress)
     mins = [int(p["min_tokens"]) for p in per_shard if p.get("n_docs", 0) - p.get("unscored", 0) > 0]
     return {"skipped": _sum_skips(per_shard), "tokens_scored": int(sum(p["tokens_scored"] for p in per_shard)),
@@ -307,7 +285,7 @@ def compute_token_masks(batches: Iterable[DocumentBatch], config: RhoConfig, sto
     try:
         for attempt in range(RESTARTS + 1):
             ray.get([a.reset.remote() for a in actors])
-            parts = _run(actors, "score_for_masks", batches, (mode,), progress=progress)
+            parts = round_robin(actors, "score_for_masks", batches, (mode,), progress=progress)
             if mode != "sketch":
                 break
             merged = ExcessHistogram(config.sketch_range[0], config.sketch_range[1], config.sketch_bins)

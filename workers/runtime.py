@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Iterable
 
 import ray
 
@@ -158,3 +159,26 @@ def fit_num_cpus(requested: float, n: int) -> float:
     if free <= 0 or free >= requested * n:
         return requested
     return max(0.05, round(free / n - 0.005, 2))
+
+
+def round_robin(actors: list, method: str, items: Iterable, extra: tuple = (), progress=None) -> list:
+    """``actor.<method>(item, *extra)`` for every item, round-robin over ``actors`` with at most two
+    calls in flight per actor; results in item order. ``progress(n)`` gets the count finished."""
+    pending: dict = {}
+    results: dict[int, dict] = {}
+    free = [a for a in actors for _ in range(2)]
+    for i, item in enumerate(items):
+        if not free:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            j, actor = pending.pop(done[0])
+            results[j] = ray.get(done[0])
+            free.append(actor)
+            if progress:
+                progress(len(results))
+        actor = free.pop(0)
+        pending[getattr(actor, method).remote(item, *extra)] = (i, actor)
+    for ref, (j, _) in pending.items():
+        results[j] = ray.get(ref)
+    if progress:
+        progress(len(results))
+    return [results[i] for i in sorted(results)]
