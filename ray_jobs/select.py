@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from selector.config import JobConfig, load_config
@@ -37,11 +35,9 @@ class Job:
     """What every method's pipeline needs: the config, the work dir, the shard readers.
 
     The driver holds the shard listing (O(shards)); shard readers are found by shard
-    (:func:`workers.shard_reader.shard_routes`). :meth:`documents` is the one O(documents) thing a
-    method can ask for: ``topk-influence`` (it ranks every document in the driver) and ``gtp``
-    (through :func:`rows_from`, and its per-shard split) use it; ``quad``, ``random``,
-    ``exploration-only``, ``perplexity`` and ``rho`` never do (their selections come from per-shard
-    or per-cluster files in the work dir).
+    (:func:`workers.shard_reader.shard_routes`). Nothing here holds the corpus index: every method's
+    selection comes from per-shard or per-cluster files in the work dir (ranked runs, cluster queues,
+    feature shards) or from the readers' own hash-order prefixes, and names documents by (shard, row).
     """
 
     config: JobConfig
@@ -52,15 +48,7 @@ class Job:
     progress: bool
     log: Callable[[str], None]
     hooks: object = None  # ray_jobs.refresh.RefreshHooks during a refresh, else None
-    _documents: pa.Table | None = None
     _loss_workers: list | None = None
-
-    def documents(self) -> pa.Table:
-        """The index of every document (doc_id, shard, row, n_tokens, ...), from the readers: O(documents)."""
-        if self._documents is None:
-            tables = [t for t in ray.get([r.index_table.remote() for r in self.readers]) if t is not None]
-            self._documents = pa.concat_tables(tables)
-        return self._documents
 
 
 def run(config: JobConfig, progress: bool = True, log=print) -> str:
@@ -352,34 +340,28 @@ def select_by_loss(job: Job):
 
 
 def select_gtp(job: Job):
-    from selector.gtp_features import FeatureShardRef, corpus_mean_target
+    from selector.gtp_features import FeatureShardRef
     from selector.workdir import shard_key
-    from workers.gtp import TrajectoryFeatureActor, distributed_pursuit
+    from workers.gtp import TrajectoryFeatureActor, corpus_mean_on_ray, distributed_pursuit, locate_selection
     from workers.influence_stage import reference_texts
     from workers.progress import gather
     from workers.shard_reader import shard_routes
 
     cfg = job.config.gtp
-    docs = job.documents()
     actors = [TrajectoryFeatureActor.options(**job_env(**model_actor_resources(job))).remote(
         cfg.model_dump(mode="json"), job.workdir.root, job.workdir.run_id, job.workdir.storage_options)
         for _ in range(job.config.ray.influence_workers)]
     routes = shard_routes(job.readers)
-    futures, keys = [], []
-    for i, shard in enumerate(job.shards):  # stage: per-shard trajectory features, resumable
-        part = docs.filter(pc.equal(docs["shard"], shard.relpath))
-        ids = part["doc_id"].to_pylist()
-        texts = ray.get(job.readers[routes[shard.relpath]].read_rows.remote(shard.relpath,
-                                                                            part["row"].to_pylist())) if ids else []
-        keys.append(shard_key(shard.relpath))
-        futures.append(actors[i % len(actors)].shard.remote(keys[-1], ids, part["row"].to_pylist(), texts,
-                                                            part["n_tokens"].to_pylist()))
+    keys = [shard_key(s.relpath) for s in job.shards]
+    # stage: per-shard trajectory features, resumable; each actor fetches its shard from the shard's reader
+    futures = [actors[i % len(actors)].shard_from_reader.remote(key, s.relpath, job.readers[routes[s.relpath]])
+               for i, (key, s) in enumerate(zip(keys, job.shards))]
     computed = gather(futures, "gtp features", enabled=job.progress)
     refs = [FeatureShardRef(job.workdir.root, job.workdir.run_id, k, job.workdir.storage_options) for k in keys]
     if cfg.target == "reference":
         y = ray.get(actors[0].reference_target.remote(reference_texts(job.config, job.log)))
     else:
-        y = corpus_mean_target(refs)
+        y = corpus_mean_on_ray(refs)
     result = distributed_pursuit(refs, y, budget_tokens=job.budget, oversample=cfg.oversample,
                                  max_rounds=cfg.max_rounds, num_cpus=job.config.ray.worker_num_cpus,
                                  **cfg.pursuit_kwargs())
@@ -387,7 +369,8 @@ def select_gtp(job: Job):
     # Weights are reported on the mean-1 scale a trainer uses as per-document loss weights.
     scaled = weights / weights.mean() if len(weights) else weights
     ids = [str(d) for d in result.ids]
-    rows = rows_from(job, ids, "gtp", score=weights.tolist(), weight=scaled.tolist())
+    located = locate_selection(refs, {k: s.relpath for k, s in zip(keys, job.shards)}, ids)
+    rows = located_rows(job, located, "gtp", score=weights.tolist(), weight=scaled.tolist())
     stats = {"rel_residual": result.rel_residual, "stop_reason": result.stop_reason,
              "candidates": result.n_candidates, "shards_featurized": sum(1 for c in computed if c["computed"]),
              "feature_dim": int(len(y))}
@@ -522,16 +505,6 @@ def located_rows(job: Job, chosen: dict[str, list], method: str, **columns: list
     }
     rows.update({k: list(v) for k, v in columns.items()})
     return rows
-
-
-def rows_from(job: Job, doc_ids: list[str], method: str, **columns: list) -> dict[str, list]:
-    """Manifest rows for ``doc_ids``, located through the index (:meth:`Job.documents`: O(documents);
-    gtp, which selects by id, uses it)."""
-    docs = job.documents()
-    position = {d: i for i, d in enumerate(docs["doc_id"].to_pylist())}
-    chosen = docs.take(pa.array([position[d] for d in doc_ids], type=pa.int64()))
-    located = {"doc_id": list(doc_ids), **chosen.select(["shard", "row", "n_tokens"]).to_pydict()}
-    return located_rows(job, located, method, **columns)
 
 
 def main(argv: list[str] | None = None) -> int:

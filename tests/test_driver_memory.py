@@ -27,7 +27,7 @@ HEADROOM_MIB = 100  # what the capped driver may still allocate: well under half
 SCRIPT = textwrap.dedent("""
     import json, re, resource, sys, threading, time
     import ray
-    from ray_jobs.select import Job, run
+    from ray_jobs.select import run
     from selector.config import parse_config
     from selector.corpus import Corpus
     from selector.manifest import read_manifest
@@ -71,9 +71,9 @@ SCRIPT = textwrap.dedent("""
     shards = Corpus(cfg.corpus).list_shards()
     readers = start_shard_readers(cfg.corpus, cfg.tokenizer, workdir, shards, 1, 0.25)
     index_corpus(readers, cfg.stage_hash("corpus", "tokenizer"), False)
-    job = Job(cfg, workdir, shards, readers, 0, False, lambda m: None)
-    try:
-        out["control"] = f"collected {{len(job.documents()['doc_id'].to_pylist())}} ids under the cap"
+    try:  # what a driver-side index (the design before issue 14) did: every reader's table, then the ids
+        tables = [t for t in ray.get([r.index_table.remote() for r in readers]) if t is not None]
+        out["control"] = f"collected {{sum(len(t['doc_id'].to_pylist()) for t in tables)}} ids under the cap"
     except MemoryError:
         out["control"] = "MemoryError"
     print("RESULT " + json.dumps(out))

@@ -2,7 +2,9 @@
 
 Features: :class:`TrajectoryFeatureActor` holds the T checkpoint models and writes one corpus
 shard's trajectory features to the work dir per call (skipping shards already done under the
-same config hash), and computes the reference target.
+same config hash), reading the shard's documents from its shard reader itself, and computes the
+reference target. :func:`locate_selection` finds the selected documents' (shard, row) in the
+feature shards, one task per shard.
 
 Level 1 runs one Ray task per partition (a partition is typically one corpus shard's feature
 file): the task loads its partition, pursues the target y over its own columns and returns
@@ -21,6 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import ray
+
+from selector.gtp_features import STAGE as FEATURE_STAGE
 
 from selector.errors import StageError
 from selector.gtp import (GTPPartition, budget_local_k, global_pursuit, local_candidates, local_k,
@@ -166,6 +170,52 @@ def single_machine_pursuit(partitions: Sequence[Any], y: np.ndarray, k: int | No
                                                                     kw, max_rounds, *partitions))
 
 
+@ray.remote(num_cpus=0.25)
+def _locate_task(ref: Any, wanted: set) -> dict:
+    from selector.workdir import WorkDir
+
+    table = WorkDir(ref.root, ref.run_id, ref.storage_options).read_table(FEATURE_STAGE, ref.key,
+                                                                         columns=["doc_id", "row", "n_tokens"])
+    ids = table["doc_id"].to_pylist()
+    keep = [i for i, d in enumerate(ids) if d in wanted]
+    return {"doc_id": [ids[i] for i in keep], "row": table["row"].take(keep).to_pylist() if keep else [],
+            "n_tokens": table["n_tokens"].take(keep).to_pylist() if keep else []}
+
+
+@ray.remote(num_cpus=0.25)
+def _feature_sum(ref: Any) -> tuple[np.ndarray, int]:
+    part = _load(ref)
+    return part.features.astype(np.float64).sum(axis=0), int(part.features.shape[0])
+
+
+def corpus_mean_on_ray(refs: Sequence[Any]) -> np.ndarray:
+    """``target: corpus_mean`` (:func:`selector.gtp_features.corpus_mean_target`) with one task per
+    feature shard: each sums its rows, the driver adds O(shards) vectors of the feature dimension."""
+    total, count = None, 0
+    for s, n in ray.get([_feature_sum.remote(r) for r in refs]):
+        total = s if total is None else total + s
+        count += n
+    if count == 0:
+        raise StageError("GTP target 'corpus_mean': the corpus has no documents with features")
+    return total / count
+
+
+def locate_selection(refs: Sequence[Any], shard_of_key: dict[str, str], ids: Sequence[str]) -> dict[str, list]:
+    """``doc_id, shard, row, n_tokens`` of the selected ``ids``, in the order given: one task per feature
+    shard (``selector.gtp_features.FeatureShardRef``) reads its ``doc_id, row`` columns and keeps the
+    selected ones, so the driver holds O(selection), never the corpus index."""
+    wanted = ray.put(set(map(str, ids)))
+    found: dict[str, tuple] = {}
+    for ref, part in zip(refs, ray.get([_locate_task.remote(r, wanted) for r in refs])):
+        for d, row, n in zip(part["doc_id"], part["row"], part["n_tokens"]):
+            found[d] = (shard_of_key[ref.key], int(row), int(n))
+    missing = [d for d in ids if str(d) not in found]
+    if missing:
+        raise StageError(f"GTP selected documents that no feature shard holds: {missing[:5]}")
+    return {"doc_id": [str(d) for d in ids], "shard": [found[str(d)][0] for d in ids],
+            "row": [found[str(d)][1] for d in ids], "n_tokens": [found[str(d)][2] for d in ids]}
+
+
 @ray.remote
 class TrajectoryFeatureActor:
     """Loads the GTP checkpoints once; ``shard(...)`` featurizes one corpus shard into the work dir.
@@ -192,6 +242,14 @@ class TrajectoryFeatureActor:
         computed = compute_shard_features(self.workdir, key, self.featurizer, doc_ids, rows, texts, n_tokens,
                                           self.config_hash)
         return {"key": key, "computed": computed, "dim": int(self.featurizer.dim)}
+
+    def shard_from_reader(self, key: str, relpath: str, reader) -> dict:
+        """Featurize the shard ``relpath`` with its documents fetched from its shard ``reader``
+        (so texts never pass through the driver); skipped, unread, when already done."""
+        if self.workdir.is_done(FEATURE_STAGE, key, self.config_hash):
+            return {"key": key, "computed": False, "dim": int(self.featurizer.dim)}
+        docs = ray.get(reader.shard_documents.remote(relpath))
+        return self.shard(key, docs["doc_id"], docs["row"], docs["text"], docs["n_tokens"])
 
     def reference_target(self, texts: list[str]) -> np.ndarray:
         return self.featurizer.reference_target(texts)
