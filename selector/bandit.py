@@ -104,22 +104,46 @@ class RewardNormaliser:
         return cls(d["offset"], d["scale"])
 
 
-def _neighbour_map(arms: np.ndarray, neighbours: Iterable[Sequence],
-                   radius: float) -> dict[int, list[tuple[int, float]]]:
-    """Symmetric arm -> [(neighbour, distance)] for pairs within ``radius`` (closest distance wins)."""
-    known = set(arms.tolist())
-    best: dict[tuple[int, int], float] = {}
-    for a, b, d in neighbours:
-        a, b, d = int(a), int(b), float(d)
-        if a == b or a not in known or b not in known or not (0.0 <= d < radius):
-            continue
-        for key in ((a, b), (b, a)):  # the clustering table lists both directions; accept either
-            if key not in best or d < best[key]:
-                best[key] = d
-    out: dict[int, list[tuple[int, float]]] = {}
-    for (a, b) in sorted(best):
-        out.setdefault(a, []).append((b, best[(a, b)]))
-    return out
+def neighbour_arrays(neighbours) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(cluster, neighbour, distance)`` as three arrays, from a table with those columns (the
+    cluster stage's ``neighbours`` table, read without a Python object per pair) or from an
+    iterable of triples."""
+    if hasattr(neighbours, "column_names"):  # a pyarrow table
+        return (neighbours.column("cluster").to_numpy().astype(np.int64),
+                neighbours.column("neighbour").to_numpy().astype(np.int64),
+                neighbours.column("distance").to_numpy().astype(np.float64))
+    if isinstance(neighbours, tuple) and len(neighbours) == 3 and all(isinstance(x, np.ndarray) for x in neighbours):
+        a, b, d = neighbours
+        return a.astype(np.int64), b.astype(np.int64), d.astype(np.float64)
+    triples = list(neighbours)
+    if not triples:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+    a, b, d = zip(*triples)
+    return np.array(a, np.int64), np.array(b, np.int64), np.array(d, np.float64)
+
+
+def _neighbour_csr(arms: np.ndarray, neighbours, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Symmetric arm-position -> neighbours for pairs within ``radius`` (closest distance wins),
+    as compressed rows: the neighbours of ``arms[i]`` are ``idx[ptr[i]:ptr[i + 1]]`` (arm
+    positions, ascending arm id) at distances ``dist[ptr[i]:ptr[i + 1]]``. Three flat arrays,
+    12 bytes a pair, so the bandit's memory is O(clusters x neighbours per cluster)."""
+    a, b, d = neighbour_arrays(neighbours)
+    n = len(arms)
+    if n == 0:
+        return np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float64)
+    pa_, pb = np.searchsorted(arms, a), np.searchsorted(arms, b)  # arms is sorted
+    known = (arms[np.minimum(pa_, n - 1)] == a) & (arms[np.minimum(pb, n - 1)] == b)
+    keep = known & (a != b) & (d >= 0.0) & (d < radius)
+    pa_, pb, d = pa_[keep], pb[keep], d[keep]
+    # The clustering table lists both directions; accept either and keep the closest per pair.
+    src, dst, dist = np.concatenate([pa_, pb]), np.concatenate([pb, pa_]), np.concatenate([d, d])
+    order = np.lexsort((dist, dst, src))
+    src, dst, dist = src[order], dst[order], dist[order]
+    first = np.ones(len(src), bool)
+    first[1:] = (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])
+    src, dst, dist = src[first], dst[first], dist[first]
+    ptr = np.searchsorted(src, np.arange(n + 1)).astype(np.int64)
+    return ptr, dst.astype(np.int32), dist.astype(np.float64)
 
 
 class UCBBandit:
@@ -144,7 +168,7 @@ class UCBBandit:
         self.active = np.ones(n, bool)
         self.total_pulls = 0
         self.priority = np.array([arm_priority(self.seed, int(a)) for a in self.arms], np.float64)
-        self._neighbours = _neighbour_map(self.arms, neighbours, self.radius)
+        self._nb_ptr, self._nb_idx, self._nb_dist = _neighbour_csr(self.arms, neighbours, self.radius)
 
     # -- queries ---------------------------------------------------------------------------
     def index(self, arm: int) -> int:
@@ -155,7 +179,10 @@ class UCBBandit:
 
     def neighbours(self, arm: int) -> list[tuple[int, float]]:
         """``[(neighbour, weight 1 - d/radius)]`` of ``arm``, by neighbour id."""
-        return [(b, 1.0 - d / self.radius) for b, d in self._neighbours.get(int(arm), [])]
+        i = self.index(arm)
+        lo, hi = self._nb_ptr[i], self._nb_ptr[i + 1]
+        return [(int(self.arms[j]), 1.0 - float(d) / self.radius)
+                for j, d in zip(self._nb_idx[lo:hi], self._nb_dist[lo:hi])]
 
     def means(self) -> np.ndarray:
         """Mean reward per arm (0 where nothing was observed), in ``self.arms`` order."""
@@ -203,6 +230,10 @@ class UCBBandit:
                     spread.append((b, w))
         return spread
 
+    def n_neighbour_pairs(self) -> int:
+        """Directed neighbour pairs held (both directions of each pair)."""
+        return int(len(self._nb_idx))
+
     def carry_forward(self, prior: dict[str, Any], decay: float = 1.0) -> int:
         """Initialise this (never updated) bandit from ``prior`` (a :meth:`to_dict`) for the arms
         both share; see the module docstring. Returns how many arms were carried."""
@@ -227,8 +258,21 @@ class UCBBandit:
         self.active[self.index(arm)] = False
 
     # -- state -----------------------------------------------------------------------------
+    def neighbour_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The neighbour pairs held, ``(cluster, neighbour, distance)``, by cluster then neighbour."""
+        counts = np.diff(self._nb_ptr)
+        return (np.repeat(self.arms, counts), self.arms[self._nb_idx], self._nb_dist.copy())
+
+    def neighbours_fingerprint(self) -> str:
+        """A hash of the neighbour pairs held (a checkpoint must be restored onto the same graph)."""
+        h = hashlib.sha256()
+        for x in self.neighbour_arrays():
+            h.update(np.ascontiguousarray(x).tobytes())
+        return h.hexdigest()[:32]
+
     def neighbour_triples(self) -> list[list]:
-        return [[a, b, d] for a in sorted(self._neighbours) for b, d in self._neighbours[a]]
+        a, b, d = self.neighbour_arrays()
+        return [[int(x), int(y), float(z)] for x, y, z in zip(a, b, d)]
 
     def to_dict(self, include_neighbours: bool = True) -> dict[str, Any]:
         """JSON-able state; floats round-trip exactly (``json`` writes shortest repr)."""

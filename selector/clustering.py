@@ -24,7 +24,8 @@ Work-dir outputs::
     cluster_fit/centroids.npy            float32 [k, dim], unit rows (+ marker: k, elbow table)
     cluster/<shard_key>.parquet          doc_id, row, cluster (int32), distance (float32), n_tokens
     cluster_summary/clusters.parquet     cluster, size, tokens, mean_distance
-    cluster_summary/neighbours.parquet   cluster, neighbour, distance  (both directions, d < radius)
+    cluster_summary/neighbours.parquet   cluster, neighbour, distance  (d < radius; each cluster's
+                                         max_neighbours nearest; both directions)
 
 Assignment streams one shard at a time and searches in chunks of ``assign_batch_size``, so
 memory is bounded by one shard's embeddings plus a chunk's results. faiss-gpu is used when
@@ -76,6 +77,9 @@ class ClusterConfig(StrictModel):
     seed: int = 0
     neighbour_radius: float = Field(0.2, gt=0.0, le=2.0, description="Clusters whose unit centroids are "
                                     "closer than this cosine distance are neighbours.")
+    max_neighbours: int | None = Field(64, ge=1, description="Each cluster keeps at most its this many "
+                                       "nearest neighbours within the radius (null: all), so the neighbour "
+                                       "graph and the bandit are O(k * max_neighbours), not O(k^2).")
     use_gpu: bool | Literal["auto"] = Field("auto", description="faiss-gpu when importable and a GPU is "
                                             "visible (auto), forced (true) or never (false).")
     assign_batch_size: int = Field(65_536, ge=1, description="Documents per faiss search call.")
@@ -268,11 +272,17 @@ class ClusterModel:
         return labels, dists
 
 
-def centroid_neighbours(centroids: np.ndarray, radius: float, block: int = 2048) -> pa.Table:
-    """Pairs of distinct clusters whose unit centroids are within cosine distance ``radius``.
+def centroid_neighbours(centroids: np.ndarray, radius: float, block: int = 2048,
+                        max_neighbours: int | None = None) -> pa.Table:
+    """Pairs of distinct clusters whose unit centroids are within cosine distance ``radius``;
+    with ``max_neighbours = m``, only each cluster's ``m`` nearest of those (exact distance ties at the m-th place
+    are broken by numpy's introselect, deterministically).
 
     Both directions are listed (``a -> b`` and ``b -> a``), sorted by cluster then distance,
-    so reward propagation can read one cluster's neighbours as a contiguous run.
+    so reward propagation can read one cluster's neighbours as a contiguous run. The cap keeps
+    the graph O(k m) where a dense embedding space puts every centroid pair within the radius
+    (k^2 pairs: 1e8 at the paper's k = 10,000). A pair kept from one side only is listed from
+    that side; the bandit symmetrises it.
     """
     c = _as_f32(centroids)
     k = c.shape[0]
@@ -280,14 +290,25 @@ def centroid_neighbours(centroids: np.ndarray, radius: float, block: int = 2048)
     for lo in range(0, k, block):  # blocks keep the k x k similarity matrix out of memory
         d = 1.0 - c[lo:lo + block] @ c.T
         d[np.arange(d.shape[0]), np.arange(lo, lo + d.shape[0])] = np.inf  # not its own neighbour
-        rows, cols = np.nonzero(d < radius)
+        d[~(d < radius)] = np.inf
+        if max_neighbours is not None and max_neighbours < k - 1:
+            m = int(max_neighbours)
+            cols = np.argpartition(d, m - 1, axis=1)[:, :m]  # the m smallest per row, unordered
+            vals = np.take_along_axis(d, cols, axis=1)
+            rows = np.repeat(np.arange(d.shape[0]), m)
+            cols, vals = cols.ravel(), vals.ravel()
+            ok = np.isfinite(vals)
+            rows, cols, vals = rows[ok], cols[ok], vals[ok]
+        else:
+            rows, cols = np.nonzero(np.isfinite(d))
+            vals = d[rows, cols]
         src.append(rows + lo)
         dst.append(cols)
-        dist.append(np.maximum(d[rows, cols], 0.0))
+        dist.append(np.maximum(vals, 0.0))
     a = np.concatenate(src).astype(np.int32) if src else np.zeros(0, np.int32)
     b = np.concatenate(dst).astype(np.int32) if dst else np.zeros(0, np.int32)
     dd = np.concatenate(dist).astype(np.float32) if dist else np.zeros(0, np.float32)
-    order = np.lexsort((dd, a))
+    order = np.lexsort((b, dd, a))
     return pa.table({"cluster": a[order], "neighbour": b[order], "distance": dd[order]})
 
 
@@ -465,13 +486,15 @@ def write_summaries(workdir: WorkDir, keys: list[str], model: ClusterModel, assi
                     config: ClusterConfig) -> tuple[pa.Table, pa.Table]:
     """Write the cluster table and the neighbour table; returns both."""
     table = cluster_table(workdir, keys, model.k)
-    neighbours = centroid_neighbours(model.centroids, config.neighbour_radius)
-    summary_hash = stable_hash({"assign": assign_hash, "radius": config.neighbour_radius, "keys": sorted(keys)})
+    neighbours = centroid_neighbours(model.centroids, config.neighbour_radius, max_neighbours=config.max_neighbours)
+    summary_hash = stable_hash({"assign": assign_hash, "radius": config.neighbour_radius,
+                                "max_neighbours": config.max_neighbours, "keys": sorted(keys)})
     workdir.write_table(SUMMARY_STAGE, "clusters", table, summary_hash,
                         stats={"k": model.k, "n_docs": int(table.column("size").to_numpy().sum()),
                                "empty_clusters": int((table.column("size").to_numpy() == 0).sum())})
     workdir.write_table(SUMMARY_STAGE, "neighbours", neighbours, summary_hash,
-                        stats={"radius": config.neighbour_radius, "distance": "cosine", "pairs": neighbours.num_rows})
+                        stats={"radius": config.neighbour_radius, "max_neighbours": config.max_neighbours,
+                               "distance": "cosine", "pairs": neighbours.num_rows})
     return table, neighbours
 
 

@@ -103,7 +103,6 @@ History. One JSON record per round, for the report and ``manifest.json["quad"]``
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Sequence
@@ -287,7 +286,7 @@ def calibrate(config: QuadConfig, scores: np.ndarray, n_tokens: np.ndarray, clus
 
 
 def neighbours_fingerprint(bandit: UCBBandit) -> str:
-    return hashlib.sha256(repr(bandit.neighbour_triples()).encode()).hexdigest()[:32]
+    return bandit.neighbours_fingerprint()
 
 
 @dataclass(frozen=True)
@@ -822,7 +821,7 @@ class QuadSelector:
         if len(history_prefix) != state["history_offset"]:
             raise StateMismatch(f"history prefix has {len(history_prefix)} records, the checkpoint expects "
                                 f"{state['history_offset']}")
-        q.bandit = UCBBandit.from_dict(state["bandit"], neighbours=q.bandit.neighbour_triples())
+        q.bandit = UCBBandit.from_dict(state["bandit"], neighbours=q.bandit.neighbour_arrays())
         q.next_round = int(state["next_round"])
         q.thresholds = None if state["thresholds"] is None else Thresholds(**state["thresholds"])
         q.tau_validation = state["tau_validation"]
@@ -860,13 +859,13 @@ def load_cluster_inputs(workdir, keys: Iterable[str]) -> tuple[dict[str, np.ndar
     return docs, load_cluster_neighbours(workdir)
 
 
-def load_cluster_neighbours(workdir) -> list[tuple[int, int, float]]:
-    """The cluster stage's neighbour pairs ``(cluster, neighbour, distance)`` (both directions)."""
+def load_cluster_neighbours(workdir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The cluster stage's neighbour pairs ``(cluster, neighbour, distance)`` (both directions),
+    as three arrays (no Python object per pair: k clusters x ``cluster.max_neighbours``)."""
+    from selector.bandit import neighbour_arrays
     from selector.clustering import SUMMARY_STAGE
 
-    nb = workdir.read_table(SUMMARY_STAGE, "neighbours")
-    return list(zip(nb.column("cluster").to_pylist(), nb.column("neighbour").to_pylist(),
-                    nb.column("distance").to_pylist()))
+    return neighbour_arrays(workdir.read_table(SUMMARY_STAGE, "neighbours"))
 
 
 def _item(cluster: int, entries: QueueEntries, picks: Sequence[int], start: int, stop: int,

@@ -137,6 +137,24 @@ def test_reward_propagates_to_neighbours_with_weight_one_minus_d_over_r_and_no_p
     assert plain.weight.tolist() == [1.0, 0, 0, 0, 0]
 
 
+def test_neighbours_from_a_table_arrays_or_triples_give_the_same_bandit():
+    import pyarrow as pa
+
+    pairs = [(0, 1, 0.05), (1, 0, 0.07), (0, 2, 0.15), (2, 3, 0.1), (3, 9, 0.01), (4, 4, 0.0)]
+    table = pa.table({"cluster": [p[0] for p in pairs], "neighbour": [p[1] for p in pairs],
+                      "distance": [p[2] for p in pairs]})
+    arrays = tuple(np.array(col) for col in zip(*pairs))
+    bandits = [UCBBandit(range(5), neighbours=n, radius=0.2, propagate=True) for n in (pairs, table, arrays)]
+    want = [[0, 1, 0.05], [0, 2, 0.15], [1, 0, 0.05], [2, 0, 0.15], [2, 3, 0.1], [3, 2, 0.1]]
+    for b in bandits:  # symmetric, closest distance per pair, unknown arms and self-pairs dropped
+        assert b.neighbour_triples() == want
+        assert b.n_neighbour_pairs() == 6
+        assert b.neighbours_fingerprint() == bandits[0].neighbours_fingerprint()
+    assert UCBBandit(range(5), neighbours=[], radius=0.2).n_neighbour_pairs() == 0
+    assert UCBBandit(range(5), neighbours=pairs[2:], radius=0.2).neighbours_fingerprint() \
+        != bandits[0].neighbours_fingerprint()
+
+
 def test_same_seed_same_choices():
     draws = _draws(seed=4)
     pairs = [(a, a + 1, 0.1) for a in range(7)]

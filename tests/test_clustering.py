@@ -121,6 +121,24 @@ def test_neighbours_blocked_equals_dense():
     assert (small.column("distance").to_numpy() < 0.2).all()
 
 
+def test_neighbour_cap_keeps_each_clusters_nearest_within_the_radius_like_a_naive_loop():
+    rng = np.random.default_rng(11)
+    c = rng.normal(size=(120, 6)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    radius, m = 0.9, 5
+    capped = centroid_neighbours(c, radius, block=17, max_neighbours=m)
+    d = 1.0 - c.astype(np.float64) @ c.T.astype(np.float64)
+    want = set()
+    for i in range(len(c)):  # the naive rule: sort row i's in-radius clusters by distance, keep m
+        inside = sorted((d[i, j], j) for j in range(len(c)) if j != i and d[i, j] < radius)
+        want |= {(i, j) for _, j in inside[:m]}
+    got = list(zip(capped.column("cluster").to_pylist(), capped.column("neighbour").to_pylist()))
+    assert set(got) == want and len(got) == len(want)
+    assert max(np.bincount(capped.column("cluster").to_numpy())) <= m
+    # a cap at least k - 1 is no cap
+    assert centroid_neighbours(c, radius, max_neighbours=200).equals(centroid_neighbours(c, radius))
+
+
 def test_same_seed_same_assignments_and_resume(tmp_path, embedded):
     workdir, keys, x, _ = embedded
     cfg = ClusterConfig(k=12, sample_size=2000, seed=7)

@@ -65,7 +65,7 @@ class BanditActor:
     """The Quad state machine behind a Ray handle; see the module docstring."""
 
     def __init__(self, work: tuple, config: dict, budget_tokens: int, seed: int, docs: Any = None,
-                 neighbours: Sequence[Sequence] | None = None):
+                 neighbours: Any = None):
         self.workdir = WorkDir(*work)
         cfg = QuadConfig.model_validate(config)
         if docs is None:  # the queues the queue step wrote to the work dir
@@ -73,7 +73,7 @@ class BanditActor:
             neighbours = load_cluster_neighbours(self.workdir) if neighbours is None else neighbours
         else:
             store = _memory_store(docs, int(seed))
-        neighbours = list(neighbours or [])
+        neighbours = () if neighbours is None else neighbours
         self.resumed = False
         self.discarded: str | None = None
         self.quad: QuadSelector | None = None
