@@ -25,6 +25,7 @@ ttl, drift threshold, bandit decay; see :mod:`selector.refresh` and docs/refresh
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -53,8 +54,11 @@ BANDIT_SEED_STATE = "refresh_bandit"  # state/refresh_bandit.json: which run the
 class RefreshHooks:
     """What a refresh changes in :func:`ray_jobs.select.run_pipeline` (called from there)."""
 
-    def __init__(self, settings: RefreshConfig, lineage: str, previous: dict | None, lease: Lease, log=print):
+    def __init__(self, settings: RefreshConfig, lineage: str, previous: dict | None, lease: Lease, log=print,
+                 run_id: str = ""):
         self.settings, self.lineage, self.previous, self.lease, self.log = settings, lineage, previous, lease, log
+        self.run_id = run_id
+        self.score_cache_info: dict = {}
         self.prev_shards: dict = ((previous or {}).get("refresh") or {}).get("shards", {})
         self.snapshot: dict[str, dict] = {}
         self.changes = None
@@ -87,8 +91,11 @@ class RefreshHooks:
             return None
         previous = read_manifest(self.previous["uri"], job.config.work.storage_options)
         self.reused = True
-        # the clusters are the previous run's: a later refresh may carry its bandit statistics on
+        # the clusters are the previous run's: a later refresh may carry its bandit statistics on,
+        # and look up the scores in the log of the run that made this selection
         self.cluster_info = dict(((self.previous.get("refresh") or {}).get("cluster") or {}), reused=True)
+        logged = ((self.previous.get("refresh") or {}).get("score_cache") or {}).get("log")
+        self.score_cache_info = {"log": logged, "cache_from": None, "reason": "selection reused"}
         self.log(f"refresh: no document changed: committing the selection of {self.previous['run_id']} again")
         rows = {name: previous.table[name].to_pylist() for name in previous.table.column_names}
         extra = {"stages": {"reused": {"from_run_id": self.previous["run_id"]}}}
@@ -177,12 +184,8 @@ class RefreshHooks:
             # a refresh that died mid-bandit: its (seeded) checkpoint resumes as it is
             self.bandit_info = dict(job.workdir.read_state(f"{BANDIT_SEED_STATE}_info") or {}, resumed=True)
             return self.bandit_info
-        previous = self.previous.get("refresh") or {}
-        prior = previous.get("bandit")
-        # Cluster ids mean the same clusters only under the same fit (not after a refit, nor when
-        # the lineage's work dir was lost and k-means fit anew).
-        same_fit = bool(self.cluster_info.get("fit_hash")) and \
-            self.cluster_info.get("fit_hash") == (previous.get("cluster") or {}).get("fit_hash")
+        prior = (self.previous.get("refresh") or {}).get("bandit")
+        same_fit = self._same_fit()
         if prior is None or not same_fit or self.settings.bandit_decay == 0:
             reason = ("the previous run has no bandit" if prior is None else
                       "k-means was fit anew: cluster ids changed" if not same_fit else "bandit_decay is 0")
@@ -199,6 +202,51 @@ class RefreshHooks:
         job.workdir.write_state(f"{BANDIT_SEED_STATE}_info", self.bandit_info)
         job.workdir.write_state(BANDIT_SEED_STATE, seed_mark)
         return self.bandit_info
+
+    def _same_fit(self) -> bool:
+        # Cluster ids mean the same clusters only under the same fit (not after a refit, nor when
+        # the lineage's work dir was lost and k-means fit anew).
+        previous = (self.previous or {}).get("refresh") or {}
+        return bool(self.cluster_info.get("fit_hash")) and \
+            self.cluster_info.get("fit_hash") == (previous.get("cluster") or {}).get("fit_hash")
+
+    # -- quad: the previous run's influence scores are looked up, not recomputed -------------
+    def score_cache(self, job) -> dict:
+        """This run logs its sample scores under its run id; when the previous run's cluster ids
+        still hold (same fit) and it logged scores, they become this run's cache, without the
+        shards that changed or left (selector.score_cache). Logs of older runs are deleted."""
+        from selector.cluster_queues import DiskClusterQueues
+        from selector.score_cache import CACHE_STAGE, build_score_cache, log_segments, prune
+        from workers.clusterer import queue_calls_on_ray
+
+        # the run whose log holds the previous selection's scores (a refresh that reused a selection
+        # logged nothing and names the run it took the selection from)
+        prev = (((self.previous or {}).get("refresh") or {}).get("score_cache") or {}).get("log")
+        info: dict = {"log": self.run_id, "cache_from": None}
+        if self.previous is None:
+            info["reason"] = "first run of the lineage"
+        elif prev is None:
+            info["reason"] = f"{self.previous['run_id']} kept no score log"
+        elif not self._same_fit():
+            info["reason"] = "k-means was fit anew: cluster ids changed"
+        elif not log_segments(job.workdir, prev):
+            info["reason"] = f"{prev} logged no scores"
+        else:
+            meta_path = f"{job.workdir.stage_dir(CACHE_STAGE)}/{prev}.json"
+            if job.workdir.fs.exists(meta_path):  # a refresh that died after building it: the same cache
+                with job.workdir.fs.open(meta_path, "rb") as f:
+                    meta = json.loads(f.read())
+            else:
+                valid = self.changes.unchanged + self.changes.touched
+                n_clusters = int(DiskClusterQueues(job.workdir).cluster_ids.max()) + 1  # O(clusters) metadata
+                meta = build_score_cache(job.workdir, prev, n_clusters, valid,
+                                         map_calls=queue_calls_on_ray(num_cpus=job.config.ray.worker_num_cpus))
+            info.update(cache_from=prev, cached_scores=meta["rows"], segments=meta["segments"])
+            self.log(f"refresh: {meta['rows']:,} influence scores of {prev} cached for this run "
+                     f"(unchanged shards only)")
+        info["pruned_files"] = prune(job.workdir, [r for r in (prev, self.run_id) if r])
+        self.score_cache_info = info
+        return info
 
     # -- the delta and the refresh record, staged before the commit --------------------------
     def before_commit(self, job, writer, table, summary: dict) -> None:
@@ -230,6 +278,7 @@ class RefreshHooks:
             "delta": {"added": n_added, "removed": delta.num_rows - n_added, "file": DELTA_FILE},
             "cluster": self.cluster_info,
             "bandit_carry": self.bandit_info,
+            "score_cache": self.score_cache_info,
             "bandit": bandit,
             "drift_threshold": self.settings.drift_threshold,
         }
@@ -292,7 +341,7 @@ def refresh(settings: RefreshConfig, config: JobConfig, progress: bool = True, l
         log(f"refresh {run_id}: lease {name!r} held by {lease.holder}; lineage {lineage}; previous run "
             f"{previous['run_id'] if previous else '(none: full run)'}")
         workdir = WorkDir(config.work.root, lineage, config.work.storage_options)
-        hooks = RefreshHooks(settings, lineage, previous, lease, log)
+        hooks = RefreshHooks(settings, lineage, previous, lease, log, run_id=run_id)
         uri = run_pipeline(config, run_id, workdir, progress, log, shards=shards, hooks=hooks)
     log(f"refresh {run_id}: committed in {time.perf_counter() - start:.1f} s -> {uri}")
     return uri

@@ -206,9 +206,13 @@ def select_quad(job: Job):
     keys, stages = embed_and_cluster(job)
     stages["cluster_queues"] = cluster_queues(job, keys)
     workers = prepare_influence(job.config, job.workdir, job.readers, job.progress, job.log)
+    scores = {}
     if job.hooks is not None:  # a refresh: seed the bandit with the previous run's arm statistics
         stages["bandit_carry"] = job.hooks.prepare_bandit(job)
-    bandit = start_bandit(job.workdir, job.config.quad, job.budget, job.config.seed)  # reads the queues
+        # ... and look up the influence scores the previous run computed (selector.score_cache)
+        stages["score_cache"] = cache = job.hooks.score_cache(job)
+        scores = {"score_log": cache["log"], "score_cache": cache["cache_from"]}
+    bandit = start_bandit(job.workdir, job.config.quad, job.budget, job.config.seed, **scores)  # reads the queues
     status = run_quad_rounds(bandit, influence_score_fn(workers, job.readers), job.progress, job.log,
                              calibrate_fn=tau_calibration(job))
     chosen = ray.get(bandit.selection.remote(locations=True))
@@ -216,7 +220,8 @@ def select_quad(job: Job):
     ray.kill(bandit)  # the run is finished; its checkpoint stays in the work dir
     rows = located_rows(job, chosen, "quad", cluster=chosen["cluster"], score=chosen["score"],
                         round=chosen["round"])
-    stages["quad"] = {k: status[k] for k in ("round", "stop_reason", "used_tokens") if k in status}
+    stages["quad"] = {k: status[k] for k in ("round", "stop_reason", "used_tokens", "cache_hits", "cache_misses")
+                      if k in status}
     return rows, {"quad": summary, "stages": stages}
 
 

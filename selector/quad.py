@@ -302,6 +302,7 @@ class RoundItem:
     positions: tuple[int, ...] = ()  # queue positions of ``sample`` (absolute within the cluster)
     shards: tuple = ()               # shard of each ``sample`` document (None where the store has none)
     rows: tuple[int, ...] = ()       # row of each ``sample`` document in its shard (-1 where unknown)
+    keys: tuple[float, ...] = ()     # queue key of each ``sample`` document (selector.score_cache looks it up)
 
 
 @dataclass(frozen=True)
@@ -317,7 +318,8 @@ class RoundPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"round": self.round, "kind": self.kind,
                 "items": [{"cluster": it.cluster, "block": it.block, "sample": it.sample, "start": it.start,
-                           "stop": it.stop, "ucb": it.ucb, "shards": list(it.shards), "rows": list(it.rows)}
+                           "stop": it.stop, "ucb": it.ucb, "shards": list(it.shards), "rows": list(it.rows),
+                           "keys": list(it.keys)}
                           for it in self.items]}
 
 
@@ -874,4 +876,4 @@ def _item(cluster: int, entries: QueueEntries, picks: Sequence[int], start: int,
     (offsets into the block)."""
     return RoundItem(int(cluster), list(entries.doc_id), [entries.doc_id[p] for p in picks], int(start), int(stop),
                      ucb, tuple(int(start + p) for p in picks), tuple(entries.shard[p] for p in picks),
-                     tuple(int(entries.row[p]) for p in picks))
+                     tuple(int(entries.row[p]) for p in picks), tuple(float(entries.key[p]) for p in picks))

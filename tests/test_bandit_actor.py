@@ -176,3 +176,47 @@ def test_bandit_state_is_o_clusters_checkpoint_and_memory_do_not_grow_with_the_c
     assert big == small  # no array or container grows with the corpus ...
     assert max(big.values()) < n_small  # ... and none is as long as even the small corpus
     assert all(groups <= 16 and rows <= 16 * 4096 for groups, rows in cached)  # the row-group LRU is bounded
+
+
+def test_a_run_from_the_previous_runs_score_cache_makes_the_same_choices_and_scores_only_what_changed(
+        ray_local, tmp_path):
+    import ray
+
+    from selector.score_cache import build_score_cache, log_segments
+    from workers.bandit import run_quad_rounds, start_bandit
+
+    docs = _docs()
+    n = len(docs["doc_id"])
+    docs["shard"] = [f"s{i % 3}.parquet" for i in range(n)]
+    docs["row"] = list(range(n))
+    budget = int(sum(docs["n_tokens"]) * 0.6)
+    workdir = WorkDir(str(tmp_path / "work"), "quad-lineage")
+    computed: list[tuple[str, str]] = []
+
+    def counting(requests):
+        for r in requests:
+            computed.extend(zip(r.doc_ids, r.shards))
+        return _score_fn(requests)
+
+    def run(**scores):
+        computed.clear()
+        bandit = start_bandit(workdir, CONFIG, budget, seed=5, docs=docs, neighbours=NEIGHBOURS, **scores)
+        status = run_quad_rounds(bandit, counting, progress=False)
+        chosen = ray.get(bandit.selection.remote())
+        ray.kill(bandit)
+        _wait_dead(bandit)
+        workdir.fs.rm(f"{workdir.path}/state", recursive=True)  # the next run starts afresh, as a refresh's does
+        return status, chosen, list(computed)
+
+    first, chosen_first, scored_first = run(score_log="run-a")
+    assert len(log_segments(workdir, "run-a")) >= 2 and first["cache_from"] is None
+    # shard s2 "changed": its documents' scores are dropped from the cache and must be computed again
+    meta = build_score_cache(workdir, "run-a", N_CLUSTERS, ["s0.parquet", "s1.parquet"], max_range_rows=60)
+    assert len(meta["ranges"]) > 1
+    assert meta["rows"] == len({d for d, s in scored_first if s != "s2.parquet"})
+    second, chosen_second, scored_second = run(score_log="run-b", score_cache="run-a")
+    assert chosen_second == chosen_first  # the cached scores are the scores: the same plans, the same selection
+    assert scored_second and {s for _, s in scored_second} == {"s2.parquet"}
+    assert second["cache_hits"] + second["cache_misses"] == len(scored_first)
+    assert second["cache_misses"] == len(scored_second) == sum(1 for _, s in scored_first if s == "s2.parquet")
+    assert log_segments(workdir, "run-b")  # the second run logs every score it used, looked up or not

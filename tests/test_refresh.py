@@ -141,6 +141,10 @@ def test_refresh_embeds_only_new_shards_and_writes_the_delta(ray_local, s3, shar
     assert stages["cluster"]["refit"] is False and stages["cluster"]["shards_assigned"] == 2
     assert stages["cluster"]["drift"] > 0
     assert stages["bandit_carry"]["carried_arms"] > 0 and stages["bandit_carry"]["from_run_id"] == m2.summary["run_id"]
+    # the influence scores of the run that made the (reused) selection are looked up, not recomputed
+    assert r2["score_cache"]["log"] == m1.summary["run_id"] == r3["score_cache"]["cache_from"]
+    assert r3["score_cache"]["cached_scores"] > 0 and stages["quad"]["cache_hits"] > 0
+    assert stages["quad"]["cache_misses"] > 0  # the new shards' documents
     new_ids = set(shard_files[0][3][1]) | set(shard_files[0][4][1])
     assert r3["changes"]["shards"]["added"] == 2
     assert r3["changes"]["documents"] == {"added": len(new_ids), "removed": 0,

@@ -36,6 +36,7 @@ import ray
 
 from selector.cluster_queues import ClusterQueues, DiskClusterQueues, write_cluster_queues
 from selector.quad import QuadConfig, QuadSelector, StateMismatch, load_cluster_neighbours
+from selector.score_cache import ScoreCache, write_log_segment
 from selector.workdir import WorkDir
 from workers.runtime import job_env
 
@@ -65,8 +66,14 @@ class BanditActor:
     """The Quad state machine behind a Ray handle; see the module docstring."""
 
     def __init__(self, work: tuple, config: dict, budget_tokens: int, seed: int, docs: Any = None,
-                 neighbours: Any = None):
+                 neighbours: Any = None, score_log: str | None = None, score_cache: str | None = None):
         self.workdir = WorkDir(*work)
+        # selector.score_cache: this run's sample scores are logged under ``score_log`` (a run id),
+        # and plans carry the scores cached from run ``score_cache``, so those are not recomputed.
+        self.score_log = score_log
+        self.cache = ScoreCache(self.workdir, score_cache) if score_cache else None
+        self._log_rows: list[tuple[int, float, str, float]] = []
+        self._plan: tuple[int, Any] | None = None
         cfg = QuadConfig.model_validate(config)
         if docs is None:  # the queues the queue step wrote to the work dir
             store = DiskClusterQueues(self.workdir)
@@ -102,7 +109,14 @@ class BanditActor:
         if self.quad.awaiting_tau:  # tau: validate: the driver must choose tau (set_tau) first
             return {"round": self.quad.next_round, "kind": "calibrate", "items": []}
         plan = self.quad.plan_round()
-        return None if plan is None else plan.to_dict()
+        if plan is None:
+            return None
+        self._plan = (plan.round, plan)
+        out = plan.to_dict()
+        if self.cache is not None:
+            for item in out["items"]:
+                item["cached"] = self.cache.lookup(item["cluster"], item["keys"])
+        return out
 
     def tau_buckets(self) -> list[dict]:
         """``tau: validate``: the warm-up documents in influence buckets (QuadSelector.tau_buckets)."""
@@ -129,15 +143,36 @@ class BanditActor:
                 if rec["round"] == round_no:
                     return rec
             raise ValueError(f"report for round {round_no}, but the bandit is at round {self.quad.next_round}")
+        if self.score_log is not None:
+            plan = self._plan[1] if self._plan and self._plan[0] == self.quad.next_round else self.quad.plan_round()
+            per_item = scores if not isinstance(scores, Mapping) else [scores[it.cluster] for it in plan.items]
+            for it, s in zip(plan.items, per_item):
+                self._log_rows.extend(zip([it.cluster] * len(s), it.keys, it.shards, map(float, s)))
         record = self.quad.apply_round(scores)
         self._checkpoint()
         return record
+
+    def finish_scores(self) -> dict:
+        """Write the score log's last (partial) segment; returns the cache's hit counts."""
+        self._flush_scores(len(self.quad.history) // HISTORY_SEGMENT)
+        return {"cache_hits": self.cache.hits if self.cache else 0,
+                "cache_misses": self.cache.misses if self.cache else 0,
+                "cache_from": self.cache.source if self.cache else None}
+
+    def _flush_scores(self, segment: int) -> None:
+        if self.score_log is None or not self._log_rows:
+            return
+        c, k, sh, sc = zip(*self._log_rows)
+        write_log_segment(self.workdir, self.score_log, segment, c, k, sh, sc)
+        self._log_rows = []
 
     def _checkpoint(self) -> None:
         history = self.quad.history
         full = len(history) // HISTORY_SEGMENT
         for seg in range(self._segments_written, full):  # segments before the state that refers to them
             self.workdir.write_state(_history_name(seg), history[seg * HISTORY_SEGMENT:(seg + 1) * HISTORY_SEGMENT])
+        if full > self._segments_written:
+            self._flush_scores(full - 1)
         self._segments_written = full
         self.workdir.write_state(STATE_NAME, self.quad.to_dict(history_since=full * HISTORY_SEGMENT))
 
@@ -184,13 +219,14 @@ class BanditActor:
 
 def start_bandit(workdir: WorkDir, config: QuadConfig | dict, budget_tokens: int, seed: int, docs: Any = None,
                  neighbours: Sequence[Sequence] | None = None, cluster_keys: Sequence[str] | None = None,
-                 num_cpus: float = 0.1):
+                 num_cpus: float = 0.1, score_log: str | None = None, score_cache: str | None = None):
     """The run's bandit actor: the live one if it exists (its arguments then are not used),
     else a new one that resumes from the work dir's checkpoint when there is a usable one.
 
     The actor reads the cluster queues from the work dir (``docs=None``); with ``cluster_keys``
     the queue step runs first, here (skipped when its output is done under the same hash). ``docs``
     (columns ``doc_id, cluster, n_tokens``, optionally ``shard, row``) gives an in-memory store instead.
+    ``score_log`` / ``score_cache``: see :class:`BanditActor` and selector.score_cache.
     """
     cfg = config.model_dump(mode="json") if isinstance(config, QuadConfig) else dict(config)
     if docs is None and cluster_keys is not None:
@@ -198,7 +234,8 @@ def start_bandit(workdir: WorkDir, config: QuadConfig | dict, budget_tokens: int
     work = (workdir.root, workdir.run_id, workdir.storage_options)
     return BanditActor.options(**job_env(num_cpus=num_cpus), name=bandit_actor_name(workdir.run_id),
                                get_if_exists=True).remote(work, cfg, int(budget_tokens), int(seed), docs=docs,
-                                                         neighbours=neighbours)
+                                                         neighbours=neighbours, score_log=score_log,
+                                                         score_cache=score_cache)
 
 
 class ScoreRequest(tuple):
@@ -261,9 +298,8 @@ def run_quad_rounds(bandit, score_fn: ScoreFn, progress: bool = True, log: Calla
                 result = calibrate_fn(ray.get(bandit.tau_buckets.remote()))
                 ray.get(bandit.set_tau.remote(float(result["tau"]), result))
                 continue
-            scores = score_fn([ScoreRequest(item["cluster"], item["sample"], item["shards"], item["rows"])
-                               for item in plan["items"]])
-            record = ray.get(bandit.report.remote([list(map(float, s)) for s in scores], plan["round"]))
+            scores = _score_uncached(score_fn, plan["items"])
+            record = ray.get(bandit.report.remote(scores, plan["round"]))
             now = record.get("budget_used", used)
             bar.update(now - used)
             used = now
@@ -271,8 +307,32 @@ def run_quad_rounds(bandit, score_fn: ScoreFn, progress: bool = True, log: Calla
                 bar.set_postfix_str(f"tau={record['tau']:.3g} scale={record['reward_scale']:.3g}", refresh=False)
             else:
                 bar.set_postfix_str(f"round {record['round']} arms {record['active_arms']}", refresh=False)
-    status = ray.get(bandit.status.remote())
+    cache = ray.get(bandit.finish_scores.remote())
+    status = dict(ray.get(bandit.status.remote()), **cache)
     if log:
         log(f"quad: stopped ({status['stop_reason']}) after round {status['round'] - 1}: "
             f"{status['used_tokens']:,} of {status['budget']:,} tokens")
+        if cache["cache_from"]:
+            log(f"quad: {cache['cache_hits']:,} sample scores looked up in the score cache of "
+                f"{cache['cache_from']}, {cache['cache_misses']:,} computed")
     return status
+
+
+def _score_uncached(score_fn: ScoreFn, items: list[dict]) -> list[list[float]]:
+    """Every item's sample scores: the ones the plan carries from the score cache as they are, the
+    rest computed by ``score_fn`` in one call (items with nothing left to score are not sent)."""
+    requests, slots = [], []
+    for i, item in enumerate(items):
+        cached = item.get("cached") or [None] * len(item["sample"])
+        todo = [j for j, c in enumerate(cached) if c is None]
+        if todo:
+            requests.append(ScoreRequest(item["cluster"], [item["sample"][j] for j in todo],
+                                         [item["shards"][j] for j in todo], [item["rows"][j] for j in todo]))
+            slots.append((i, todo))
+    computed = score_fn(requests) if requests else []
+    out = [[float(c) if c is not None else float("nan") for c in (item.get("cached") or [None] * len(item["sample"]))]
+           for item in items]
+    for (i, todo), scores in zip(slots, computed):
+        for j, v in zip(todo, scores):
+            out[i][j] = float(v)
+    return out

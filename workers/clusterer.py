@@ -90,15 +90,16 @@ def cluster_corpus(workdir: WorkDir, keys: list[str], config: ClusterConfig, pro
 
 
 @ray.remote
-def _queue_task(name: str, work: tuple, *args):
-    from selector import cluster_queues
+def _queue_task(module: str, name: str, work: tuple, *args):
+    import importlib
 
-    return getattr(cluster_queues, name)(WorkDir(*work), *args)
+    return getattr(importlib.import_module(module), name)(WorkDir(*work), *args)
 
 
 def queue_calls_on_ray(num_cpus: float = 0.5, in_flight: int = 8):
-    """``map_calls`` for :func:`selector.cluster_queues.write_cluster_queues`: each phase unit (one
-    shard's sort, one partition's merge) as a Ray task, at most ``in_flight`` at a time, results
+    """``map_calls`` for :func:`selector.cluster_queues.write_cluster_queues` (and
+    :func:`selector.score_cache.build_score_cache`): each unit (one shard's sort, one partition's merge,
+    one range of the score cache) as a Ray task, at most ``in_flight`` at a time, results
     yielded in call order as they are needed (the caller adds each shard's cluster counts before the
     next arrives, so it holds O(clusters), never O(shards x clusters))."""
 
@@ -106,7 +107,8 @@ def queue_calls_on_ray(num_cpus: float = 0.5, in_flight: int = 8):
         pending = []
         for workdir, *args in calls:
             work = (workdir.root, workdir.run_id, workdir.storage_options)
-            pending.append(_queue_task.options(**job_env(num_cpus=num_cpus)).remote(fn.__name__, work, *args))
+            task = _queue_task.options(**job_env(num_cpus=num_cpus))
+            pending.append(task.remote(fn.__module__, fn.__name__, work, *args))
             if len(pending) >= in_flight:
                 yield ray.get(pending.pop(0))
         while pending:
