@@ -242,7 +242,7 @@ class RefreshHooks:
                 meta = build_score_cache(job.workdir, prev, n_clusters, valid,
                                          map_calls=queue_calls_on_ray(num_cpus=job.config.ray.worker_num_cpus))
             info.update(cache_from=prev, cached_scores=meta["rows"], segments=meta["segments"])
-            self.log(f"refresh: {meta['rows']:,} influence scores of {prev} cached for this run "
+            self.log(f"refresh: score cache: {meta['rows']:,} influence scores of {prev} "
                      f"(unchanged shards only)")
         info["pruned_files"] = prune(job.workdir, [r for r in (prev, self.run_id) if r])
         self.score_cache_info = info
