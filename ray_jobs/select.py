@@ -213,15 +213,19 @@ def select_quad(job: Job):
         stages["score_cache"] = cache = job.hooks.score_cache(job)
         scores = {"score_log": cache["log"], "score_cache": cache["cache_from"]}
     bandit = start_bandit(job.workdir, job.config.quad, job.budget, job.config.seed, **scores)  # reads the queues
-    status = run_quad_rounds(bandit, influence_score_fn(workers, job.readers), job.progress, job.log,
-                             calibrate_fn=tau_calibration(job))
+    score_fn = influence_score_fn(workers, job.readers)
+    status = run_quad_rounds(bandit, score_fn, job.progress, job.log, calibrate_fn=tau_calibration(job))
+    spent = score_fn.spent
+    job.log(f"quad: scored {spent['documents']:,} documents: reading texts {spent['read_seconds']:.1f} s, "
+            f"influence {spent['influence_seconds']:.1f} s")
     chosen = ray.get(bandit.selection.remote(locations=True))
     summary = ray.get(bandit.summary.remote())
     ray.kill(bandit)  # the run is finished; its checkpoint stays in the work dir
     rows = located_rows(job, chosen, "quad", cluster=chosen["cluster"], score=chosen["score"],
                         round=chosen["round"])
-    stages["quad"] = {k: status[k] for k in ("round", "stop_reason", "used_tokens", "cache_hits", "cache_misses")
-                      if k in status}
+    stages["quad"] = {k: status[k] for k in ("round", "stop_reason", "used_tokens", "cache_hits", "cache_misses",
+                                             "round_seconds") if k in status}
+    stages["quad"]["scoring"] = {k: round(v, 3) for k, v in spent.items()}
     return rows, {"quad": summary, "stages": stages}
 
 
@@ -267,21 +271,17 @@ def select_topk_influence(job: Job):
     Each influence worker scores whole shards (texts from the shard readers, never through the
     driver) and writes each as a ranked run to the work dir (resumable per shard); the selection is
     the k-way merge of the runs (selector.ranked_selection, rule ``prefix``, ties by hash key)."""
-    from selector.embedding import shard_config_hash
     from selector.ranked_selection import KEY, select_from_runs
-    from selector.workdir import shard_key, stable_hash
+    from selector.workdir import shard_key
     from workers.influence import RUN_STAGE
     from workers.influence_stage import prepare_influence
-    from workers.runtime import round_robin
+    from workers.runtime import pending_shards, round_robin
     from workers.shard_reader import shard_routes
 
     workers = prepare_influence(job.config, job.workdir, job.readers, job.progress, job.log)
     job_hash = job.config.stage_hash("corpus", "tokenizer", "proxy_model", "influence", "factors", "seed", "reference")
-    hashes = {s.relpath: stable_hash({"job": job_hash, "shard": shard_config_hash({}, None, s)}) for s in job.shards}
+    hashes, todo, per_shard = pending_shards(job.workdir, RUN_STAGE, job.shards, job_hash)
     keys = {s.relpath: shard_key(s.relpath) for s in job.shards}
-    todo = [s for s in job.shards if not job.workdir.is_done(RUN_STAGE, keys[s.relpath], hashes[s.relpath])]
-    per_shard = [(job.workdir.read_marker(RUN_STAGE, keys[s.relpath]) or {}).get("stats", {})
-                 for s in job.shards if s not in todo]
     routes = shard_routes(job.readers)
     work = (job.workdir.root, job.workdir.run_id, job.workdir.storage_options)
     # one call per shard, with its reader: the worker fetches the texts itself

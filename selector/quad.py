@@ -239,6 +239,23 @@ def sample_size(n_block: int, ratio: float, minimum: int) -> int:
     return min(n_block, max(minimum, math.ceil(ratio * n_block - 1e-9)))
 
 
+def sample_picks(keys: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The block offsets of the ``n`` documents to score: those whose mixed key
+    ``splitmix64(bits(key) xor seed)`` is smallest, in block order.
+
+    A function of the documents, not of their positions: when a refresh inserts new documents into
+    the queues (shifting every block), a block mostly samples the documents it sampled before, so
+    their scores come from the previous run's cache (selector.score_cache). The mixed key is
+    independent of the queue order (which is the key itself), so the sample is uniform in the block.
+    """
+    bits = np.ascontiguousarray(keys, np.float64).view(np.uint64) ^ np.uint64(int(seed) % 2**64)
+    z = bits + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.sort(np.argsort(z, kind="stable")[: int(n)])
+
+
 def seeded_rng(seed: int, *keys: int) -> np.random.Generator:
     """A fresh generator that is a pure function of ``(seed, *keys)`` (no shared RNG state)."""
     return np.random.default_rng(np.random.SeedSequence([int(k) % 2**63 for k in (seed, *keys)]))
@@ -488,7 +505,7 @@ class QuadSelector:
                 picks = np.arange(len(entries))
             else:
                 n = sample_size(len(entries), self.config.sample_ratio, self.config.min_sample)
-                picks = np.sort(seeded_rng(self.seed, 1, cluster, start).choice(len(entries), size=n, replace=False))
+                picks = sample_picks(entries.key, n, self.seed)
             items.append(_item(cluster, entries, picks.tolist(), start, stop, ucb))
         return RoundPlan(self.next_round, "bandit", items)
 

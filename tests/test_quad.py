@@ -447,3 +447,25 @@ def test_validate_tau_waits_for_set_tau_then_keeps_the_warmup_above_it():
     assert q.plan_round().kind == "bandit"
     state = json.loads(json.dumps(q.to_dict()))
     assert QuadSelector.from_dict(state, ids, clusters, tokens).plan_round() == q.plan_round()
+
+
+def test_block_sample_is_uniform_and_follows_the_documents_not_their_positions():
+    from selector.quad import sample_picks
+
+    rng = np.random.default_rng(0)
+    keys = np.sort(rng.random(64))
+    picks = sample_picks(keys, 4, seed=3)
+    assert len(picks) == 4 and list(picks) == sorted(set(picks.tolist()))
+    assert list(sample_picks(keys, 4, seed=3)) == list(picks) and list(sample_picks(keys, 4, seed=4)) != list(picks)
+    # a document inserted into the block (as a refresh does) moves positions, not the sampled documents
+    # unless it is itself sampled
+    chosen = set(keys[picks].tolist())
+    for new in rng.random(20):
+        grown = np.sort(np.append(keys, new))
+        again = set(grown[sample_picks(grown, 4, seed=3)].tolist())
+        assert again == chosen or (new in again and len(again - chosen) == 1)
+    # uniform: every offset of a block is picked about equally often over many blocks
+    counts = np.zeros(64)
+    for b in range(4000):
+        counts[sample_picks(np.sort(rng.random(64)), 4, seed=b)] += 1
+    assert counts.min() > 0.75 * counts.mean() and counts.max() < 1.25 * counts.mean()

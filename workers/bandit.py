@@ -29,6 +29,7 @@ with ``locations=True``) carries shard and row too, so the manifest needs no ind
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -286,10 +287,15 @@ def run_quad_rounds(bandit, score_fn: ScoreFn, progress: bool = True, log: Calla
     if log and status["discarded_checkpoint"]:
         log(f"quad: started afresh ({status['discarded_checkpoint']})")
     used = status["used_tokens"]
+    # where a round's time goes (the loop is sequential: this is the stage's critical path)
+    spent = {"rounds": 0, "plan": 0.0, "score": 0.0, "report": 0.0}
     with tqdm(total=status["budget"], initial=used, desc="quad", unit="tok", unit_scale=True,
               disable=not progress, file=sys.stderr, mininterval=0.5, dynamic_ncols=True) as bar:
         while True:
+            t0 = time.perf_counter()
             plan = ray.get(bandit.plan_round.remote())
+            t1 = time.perf_counter()
+            spent["plan"] += t1 - t0
             if plan is None:
                 break
             if plan["kind"] == "calibrate":
@@ -299,7 +305,11 @@ def run_quad_rounds(bandit, score_fn: ScoreFn, progress: bool = True, log: Calla
                 ray.get(bandit.set_tau.remote(float(result["tau"]), result))
                 continue
             scores = _score_uncached(score_fn, plan["items"])
+            t2 = time.perf_counter()
             record = ray.get(bandit.report.remote(scores, plan["round"]))
+            spent["score"] += t2 - t1
+            spent["report"] += time.perf_counter() - t2
+            spent["rounds"] += 1
             now = record.get("budget_used", used)
             bar.update(now - used)
             used = now
@@ -308,10 +318,14 @@ def run_quad_rounds(bandit, score_fn: ScoreFn, progress: bool = True, log: Calla
             else:
                 bar.set_postfix_str(f"round {record['round']} arms {record['active_arms']}", refresh=False)
     cache = ray.get(bandit.finish_scores.remote())
-    status = dict(ray.get(bandit.status.remote()), **cache)
+    timing = {k: round(v, 3) for k, v in spent.items()}
+    status = dict(ray.get(bandit.status.remote()), **cache, round_seconds=timing)
     if log:
         log(f"quad: stopped ({status['stop_reason']}) after round {status['round'] - 1}: "
             f"{status['used_tokens']:,} of {status['budget']:,} tokens")
+        if spent["rounds"]:
+            log(f"quad: {spent['rounds']} rounds: plan {spent['plan']:.1f} s, score {spent['score']:.1f} s, "
+                f"report + checkpoint {spent['report']:.1f} s")
         if cache["cache_from"]:
             log(f"quad: {cache['cache_hits']:,} sample scores looked up in the score cache of "
                 f"{cache['cache_from']}, {cache['cache_misses']:,} computed")

@@ -10,6 +10,7 @@ per-document map (the factor sample is O(readers x factors.documents), a scored 
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import ray
@@ -100,6 +101,7 @@ def influence_score_fn(workers: list, readers: list):
     """``score_fn`` for the bandit loop (and ``topk-influence``): read the requested documents by
     their ``(shard, row)`` (:class:`workers.bandit.ScoreRequest`), score them in parallel."""
     routes = shard_routes(readers)
+    spent = {"documents": 0, "read_seconds": 0.0, "influence_seconds": 0.0}
 
     def score(requests: list) -> list[list[float]]:
         flat = [doc_id for _, ids in requests for doc_id in ids]
@@ -109,12 +111,18 @@ def influence_score_fn(workers: list, readers: list):
         rows = [row for r in requests for row in r.rows]
         if len(shards) != len(flat) or len(rows) != len(flat):
             raise ValueError("influence_score_fn: every request needs the shards and rows of its documents")
+        t0 = time.perf_counter()
         texts = read_located(readers, routes, shards, rows)
+        t1 = time.perf_counter()
         scores = score_parallel(workers, flat, texts, batch_docs=max(1, min(64, -(-len(flat) // len(workers)))))
+        spent["documents"] += len(flat)
+        spent["read_seconds"] += t1 - t0
+        spent["influence_seconds"] += time.perf_counter() - t1
         out, i = [], 0
         for _, ids in requests:
             out.append(scores[i:i + len(ids)].tolist())
             i += len(ids)
         return out
 
+    score.spent = spent  # what the rounds spent reading texts and scoring them (logged by the job)
     return score

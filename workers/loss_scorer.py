@@ -30,7 +30,7 @@ import ray
 from selector.corpus import Corpus, CorpusConfig, DocumentBatch, RejectSink
 from selector.errors import ModelLoadError, ThresherError
 from selector.models import require_same_tokenizer
-from workers.runtime import fit_num_cpus, job_env, round_robin
+from workers.runtime import fit_num_cpus, job_env, pending_shards, round_robin
 from selector.rho import (ExcessHistogram, RhoConfig, excess_losses, mean_scores, pack_mask, topk_masks_exact,
                           topk_masks_per_batch)
 
@@ -250,13 +250,9 @@ def score_shards(shards: list, config: RhoConfig, workdir, job_hash: str, column
     """Score every shard not already done under ``job_hash`` (resume), each written by its actor to
     ``losses/<shard key>.parquet`` as a sorted run; returns the totals and ``min_tokens`` (the
     shortest scored document), read from the done markers of skipped shards. O(shards) here."""
-    from selector.embedding import shard_config_hash
-    from selector.workdir import shard_key, stable_hash
+    from selector.workdir import shard_key
 
-    hashes = {s.relpath: stable_hash({"job": job_hash, "shard": shard_config_hash({}, None, s)}) for s in shards}
-    todo = [s for s in shards if not workdir.is_done(LOSS_STAGE, shard_key(s.relpath), hashes[s.relpath])]
-    per_shard = [(workdir.read_marker(LOSS_STAGE, shard_key(s.relpath)) or {}).get("stats", {})
-                 for s in shards if s not in todo]
+    hashes, todo, per_shard = pending_shards(workdir, LOSS_STAGE, shards, job_hash)
     work = (workdir.root, workdir.run_id, workdir.storage_options)
     per_shard += round_robin(actors, "score_shard", [(s, hashes[s.relpath]) for s in todo],
                       (work, LOSS_STAGE, column, descending), progress=progress)
