@@ -204,7 +204,7 @@ def select_quad(job: Job):
     from workers.influence_stage import influence_score_fn, prepare_influence
 
     keys, stages = embed_and_cluster(job)
-    stages["cluster_queues"] = cluster_queues(job, keys)
+    stages["cluster_queues"] = cluster_queues(job, keys, with_texts=True)
     workers = prepare_influence(job.config, job.workdir, job.readers, job.progress, job.log)
     scores = {}
     if job.hooks is not None:  # a refresh: seed the bandit with the previous run's arm statistics
@@ -432,17 +432,20 @@ def embed_and_cluster(job: Job) -> tuple[list[str], dict]:
     return embedded["keys"], stages
 
 
-def cluster_queues(job: Job, keys: list[str]) -> dict:
+def cluster_queues(job: Job, keys: list[str], with_texts: bool = False) -> dict:
     """Stage 3b (quad, exploration-only): every cluster's queue in seeded hash order, one Parquet file per
     cluster in the work dir (selector.cluster_queues; Ray tasks per shard, then per cluster partition:
-    the driver adds up O(clusters) counts). Entries name their shard by its path relative to the corpus."""
+    the driver adds up O(clusters) counts). Entries name their shard by its path relative to the corpus.
+    ``with_texts`` (quad): the files also hold the texts, so each round reads its sampled texts from
+    the blocks it pulls (sequential in a cluster's file) instead of from shards all over the corpus."""
     from selector.cluster_queues import write_cluster_queues
     from selector.workdir import shard_key
     from workers.clusterer import queue_calls_on_ray
 
     names = {shard_key(s.relpath): s.relpath for s in job.shards}
+    texts = (job.config.corpus, {shard_key(s.relpath): s for s in job.shards}) if with_texts else None
     info = write_cluster_queues(job.workdir, keys, job.config.seed, shard_names=names,
-                                map_calls=queue_calls_on_ray(num_cpus=job.config.ray.worker_num_cpus))
+                                map_calls=queue_calls_on_ray(num_cpus=job.config.ray.worker_num_cpus), texts=texts)
     job.log(f"cluster queues: {info['clusters']} clusters, {info['documents']:,} documents"
             + (" (already written)" if info["skipped"] else ""))
     return {k: info[k] for k in ("clusters", "documents", "skipped")}

@@ -73,6 +73,9 @@ META_KEY = "queues"
 QUEUE_FORMAT = 1
 ROW_GROUP_SIZE = 4096
 MAX_PARTITION_DOCS = 2_000_000
+TEXT_ROW_GROUP_SIZE = 512       # with texts: a sampled text costs decoding 512 texts, not 4096
+TEXT_PARTITION_DOCS = 200_000   # with texts: a merge task holds this many texts (~0.5 GB at 2.5 KB each)
+TEXT_GROUPS_CACHED = 8          # text row groups a reader of the queues keeps
 
 MapCalls = Callable[[Callable, Iterable[tuple]], Iterator]  # (fn, argument tuples) -> results in call order
 
@@ -247,6 +250,9 @@ class DiskClusterQueues(ClusterQueueStore):
             raise ValueError("cluster queue metadata is inconsistent with its fingerprint")
         self.cache_row_groups = int(cache_row_groups)
         self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+        self.has_texts = bool(meta.get("texts", False))
+        self._columns = ["key", "doc_id", "shard", "row", "n_tokens"]
+        self._texts: OrderedDict[tuple[int, int], list[str]] = OrderedDict()  # text row groups, a few
 
     def cached_rows(self) -> int:
         return sum(t.num_rows for t in self._cache.values())
@@ -259,7 +265,7 @@ class DiskClusterQueues(ClusterQueueStore):
             return table
         path = f"{self.workdir.stage_dir(QUEUE_STAGE)}/{cluster_file(cluster)}"
         with self.workdir.fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(group)
+            table = pq.ParquetFile(f).read_row_group(group, columns=self._columns)
         self._cache[key] = table
         while len(self._cache) > self.cache_row_groups:
             self._cache.popitem(last=False)
@@ -287,6 +293,31 @@ class DiskClusterQueues(ClusterQueueStore):
     def read_keys(self, cluster: int, start: int, stop: int) -> np.ndarray:
         return self._read_table(cluster, start, stop).column("key").to_numpy()
 
+    def read_texts(self, cluster: int, positions: Sequence[int]) -> list[str]:
+        """The texts at queue ``positions`` of ``cluster`` (queues written with texts only); reads the
+        text column of the row groups holding them, keeping the last ``TEXT_GROUPS_CACHED``."""
+        if not self.has_texts:
+            raise ValueError("these cluster queues were written without texts")
+        size, r = self.size(cluster), self.row_group_size
+        out = []
+        for p in positions:
+            p = int(p)
+            if not 0 <= p < size:
+                raise IndexError(f"cluster {cluster}: queue position {p} outside [0, {size})")
+            key = (int(cluster), p // r)
+            texts = self._texts.get(key)
+            if texts is None:
+                path = f"{self.workdir.stage_dir(QUEUE_STAGE)}/{cluster_file(cluster)}"
+                with self.workdir.fs.open(path, "rb") as f:
+                    texts = pq.ParquetFile(f).read_row_group(p // r, columns=["text"]).column("text").to_pylist()
+                self._texts[key] = texts
+                while len(self._texts) > TEXT_GROUPS_CACHED:
+                    self._texts.popitem(last=False)
+            else:
+                self._texts.move_to_end(key)
+            out.append(texts[p % r])
+        return out
+
 
 # --------------------------------------------------------------------------- the queue step
 
@@ -300,9 +331,12 @@ def _assign_hash(workdir: WorkDir, key: str) -> str:
     return str(marker.get("config_hash"))
 
 
-def sort_shard(workdir: WorkDir, key: str, seed: int, shard_hash: str, row_group_size: int = ROW_GROUP_SIZE) -> dict:
+def sort_shard(workdir: WorkDir, key: str, seed: int, shard_hash: str, row_group_size: int = ROW_GROUP_SIZE,
+               text_source: tuple | None = None) -> dict:
     """Phase 1 for one shard: its assignments in ``(cluster, key)`` order; returns the marker stats
-    (``counts``: ``[[cluster, documents], ...]``). Skipped when done under ``shard_hash``."""
+    (``counts``: ``[[cluster, documents], ...]``). Skipped when done under ``shard_hash``.
+    ``text_source = (corpus config, shard info)``: the documents' texts are read from the shard and
+    carried along (a ``text`` column), so the queue files hold them."""
     from selector.clustering import ASSIGN_STAGE
 
     if workdir.is_done(SORT_STAGE, key, shard_hash):
@@ -312,16 +346,30 @@ def sort_shard(workdir: WorkDir, key: str, seed: int, shard_hash: str, row_group
     keys = hash_keys(ids, seed) if ids else np.zeros(0)
     clusters = t.column("cluster").to_numpy().astype(np.int64)
     order = np.lexsort((keys, clusters))
-    table = pa.table({"cluster": pa.array(clusters[order], pa.int32()), "key": pa.array(keys[order], pa.float64()),
-                      "doc_id": t.column("doc_id").take(pa.array(order)),
-                      "row": pa.array(t.column("row").to_numpy().astype(np.int64)[order]),
-                      "n_tokens": pa.array(t.column("n_tokens").to_numpy().astype(np.int64)[order])})
+    rows = t.column("row").to_numpy().astype(np.int64)
+    columns = {"cluster": pa.array(clusters[order], pa.int32()), "key": pa.array(keys[order], pa.float64()),
+               "doc_id": t.column("doc_id").take(pa.array(order)), "row": pa.array(rows[order]),
+               "n_tokens": pa.array(t.column("n_tokens").to_numpy().astype(np.int64)[order])}
+    if text_source is not None:
+        columns["text"] = pa.array(_shard_texts(text_source, rows[order].tolist()), pa.string())
+    table = pa.table(columns)
     path = f"{workdir.stage_dir(SORT_STAGE)}/{key}.parquet"
     atomic_write_bytes(workdir.fs, path, table_to_parquet_bytes(table, row_group_size))
     ids_, counts = np.unique(clusters, return_counts=True)
     stats = {"documents": len(ids), "counts": [[int(c), int(n)] for c, n in zip(ids_, counts)]}
     workdir.mark_done(SORT_STAGE, key, shard_hash, stats)
     return dict(stats, skipped=False)
+
+
+def _shard_texts(text_source: tuple, rows: list[int]) -> list[str]:
+    """The texts at ``rows`` of the shard (one streaming read of the shard)."""
+    from selector.corpus import Corpus
+
+    config, shard = text_source
+    batch = Corpus(config).read_rows(shard, rows)
+    if list(batch.rows) != list(rows):
+        raise ValueError(f"shard {shard.relpath}: rows read back out of order")
+    return list(batch.texts)
 
 
 def _read_cluster_range(workdir: WorkDir, key: str, lo: int, hi: int) -> pa.Table:
@@ -360,8 +408,9 @@ def merge_partition(workdir: WorkDir, keys: list[str], clusters: list[int], part
     cl = cl[order]
     bounds = np.searchsorted(cl, np.asarray(clusters), side="left").tolist() + [len(cl)]
     meta = []
+    columns = ["key", "doc_id", "shard", "row", "n_tokens"] + (["text"] if "text" in table.column_names else [])
     for i, c in enumerate(clusters):
-        q = table.slice(bounds[i], bounds[i + 1] - bounds[i]).select(["key", "doc_id", "shard", "row", "n_tokens"])
+        q = table.slice(bounds[i], bounds[i + 1] - bounds[i]).select(columns)
         if q.num_rows == 0:
             continue
         tokens = q.column("n_tokens").to_numpy()
@@ -392,8 +441,9 @@ def _in_process(fn: Callable, calls: Iterable[tuple]) -> Iterator:
 
 
 def write_cluster_queues(workdir: WorkDir, keys: Iterable[str], seed: int,
-                         shard_names: dict[str, str] | None = None, row_group_size: int = ROW_GROUP_SIZE,
-                         max_partition_docs: int = MAX_PARTITION_DOCS, map_calls: MapCalls | None = None) -> dict:
+                         shard_names: dict[str, str] | None = None, row_group_size: int | None = None,
+                         max_partition_docs: int | None = None, map_calls: MapCalls | None = None,
+                         texts: tuple | None = None) -> dict:
     """The queue step (see the module docstring) over the cluster stage's shards ``keys``.
 
     ``shard_names``: ``{shard key: name}`` recorded as the entries' ``shard`` (e.g. the shard's
@@ -402,11 +452,29 @@ def write_cluster_queues(workdir: WorkDir, keys: Iterable[str], seed: int,
     the results in call order: by default a loop in this process (memory bounded by one shard in
     phase 1, then by one partition); :func:`workers.clusterer.queue_calls_on_ray` runs them as Ray
     tasks, so the caller holds only O(clusters) (the counts, then the per-cluster metadata).
+
+    ``texts = (corpus config, {shard key: shard info})``: the queue files also hold each document's
+    text (column ``text``), so Quad's rounds read the sampled texts from the block they already read
+    instead of from random shards (:meth:`DiskClusterQueues.read_texts`). Row groups are then
+    ``TEXT_ROW_GROUP_SIZE`` rows and partitions at most ``TEXT_PARTITION_DOCS`` documents (a task
+    holds a partition's texts), unless given.
     """
     run_calls = map_calls or _in_process
     keys = sorted(keys)
     names = [(shard_names or {}).get(k, k) for k in keys]
-    layout = {"format": QUEUE_FORMAT, "seed": int(seed), "row_group_size": int(row_group_size)}
+    if row_group_size is None:
+        row_group_size = TEXT_ROW_GROUP_SIZE if texts else ROW_GROUP_SIZE
+    if max_partition_docs is None:
+        max_partition_docs = TEXT_PARTITION_DOCS if texts else MAX_PARTITION_DOCS
+    sources = None
+    if texts is not None:
+        corpus_config, infos = texts
+        missing = [k for k in keys if k not in infos]
+        if missing:
+            raise ValueError(f"cluster queues with texts: no shard info for {missing[:3]}")
+        sources = {k: (corpus_config, infos[k]) for k in keys}
+    layout = {"format": QUEUE_FORMAT, "seed": int(seed), "row_group_size": int(row_group_size),
+              "texts": sources is not None}
     shard_hashes = [stable_hash({**layout, "assign": _assign_hash(workdir, k)}) for k in keys]
     config_hash = stable_hash({**layout, "shards": list(zip(keys, shard_hashes)), "names": names,
                                "max_partition_docs": int(max_partition_docs)})
@@ -414,7 +482,8 @@ def write_cluster_queues(workdir: WorkDir, keys: Iterable[str], seed: int,
         stats = workdir.read_marker(QUEUE_STAGE, META_KEY)["stats"]
         return dict(stats, skipped=True, config_hash=config_hash)
     counts: dict[int, int] = {}
-    for stats in run_calls(sort_shard, ((workdir, key, seed, h, row_group_size) for key, h in zip(keys, shard_hashes))):
+    for stats in run_calls(sort_shard, ((workdir, key, seed, h, row_group_size, sources[key] if sources else None)
+                                        for key, h in zip(keys, shard_hashes))):
         for c, n in stats["counts"]:
             counts[c] = counts.get(c, 0) + n
     meta: list[list] = []

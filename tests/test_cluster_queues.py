@@ -168,3 +168,56 @@ def test_the_queue_step_as_ray_tasks_writes_what_the_in_process_loop_writes(ray_
         store = DiskClusterQueues(workdir)
         out[name] = (info["fingerprint"], [store.read(c, 0, store.size(c)).doc_id for c in store.cluster_ids])
     assert out["ray"] == out["loop"]
+
+
+def test_queues_written_with_texts_hold_each_documents_text_and_read_them_by_position(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from selector.clustering import ASSIGN_STAGE
+    from selector.corpus import Corpus, CorpusConfig
+    from selector.workdir import shard_key
+
+    ids, clusters, tokens = _corpus(SIZES, seed=4)
+    text_of = {d: f"text of {d} " + "word " * (len(d) % 7) for d in ids}
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    n_shards = 3
+    for s in range(n_shards):  # real shards: document i of the corpus is row i // 3 of shard i % 3
+        part = list(range(s, len(ids), n_shards))
+        pq.write_table(pa.table({"id": [ids[i] for i in part], "text": [text_of[ids[i]] for i in part]}),
+                       corpus_dir / f"s{s}.parquet")
+    config = CorpusConfig(uri=str(corpus_dir), id_column="id", min_doc_chars=1)
+    shards = Corpus(config).list_shards()
+    workdir = WorkDir(str(tmp_path / "work"), "queues-texts")
+    keys = []
+    for shard in shards:
+        s = int(shard.relpath[1])
+        part = np.arange(s, len(ids), n_shards)
+        key = shard_key(shard.relpath)
+        workdir.write_table(ASSIGN_STAGE, key, pa.table({
+            "doc_id": [ids[i] for i in part], "row": pa.array(np.arange(len(part)), pa.int64()),
+            "cluster": pa.array(clusters[part], pa.int32()), "distance": pa.array(np.zeros(len(part)), pa.float32()),
+            "n_tokens": pa.array(tokens[part], pa.int64())}), "h")
+        keys.append(key)
+    infos = {shard_key(s.relpath): s for s in shards}
+    info = write_cluster_queues(workdir, keys, 3, shard_names={k: s.relpath for k, s in infos.items()},
+                                row_group_size=8, texts=(config, infos))
+    disk = DiskClusterQueues(workdir)
+    assert disk.has_texts and info["documents"] == len(ids)
+    for c in disk.cluster_ids.tolist():
+        entries = disk.read(c, 0, disk.size(c))
+        positions = list(range(disk.size(c)))[::-1]  # any order, across row groups
+        assert disk.read_texts(c, positions) == [text_of[entries.doc_id[p]] for p in positions]
+    assert len(disk._texts) <= 8
+    assert "text" not in disk._row_group(0, 0).column_names  # block reads never decode texts
+    with pytest.raises(IndexError):
+        disk.read_texts(0, [disk.size(0)])
+    plain = WorkDir(str(tmp_path / "work"), "queues-plain")
+    for key in keys:
+        plain.write_table(ASSIGN_STAGE, key, workdir.read_table(ASSIGN_STAGE, key), "h")
+    write_cluster_queues(plain, keys, 3, row_group_size=8)
+    without = DiskClusterQueues(plain)
+    assert not without.has_texts and without.fingerprint() == disk.fingerprint()
+    with pytest.raises(ValueError, match="without texts"):
+        without.read_texts(0, [0])

@@ -114,9 +114,17 @@ class BanditActor:
             return None
         self._plan = (plan.round, plan)
         out = plan.to_dict()
-        if self.cache is not None:
-            for item in out["items"]:
+        store = self.quad.queues
+        with_texts = getattr(store, "has_texts", False)
+        for item, it in zip(out["items"], plan.items):
+            if self.cache is not None:
                 item["cached"] = self.cache.lookup(item["cluster"], item["keys"])
+            if with_texts:  # the texts to score come with the plan, read from the block's queue file
+                todo = [j for j, c in enumerate(item.get("cached") or [None] * len(it.sample)) if c is None]
+                texts: list[str | None] = [None] * len(it.sample)
+                for j, text in zip(todo, store.read_texts(it.cluster, [it.positions[j] for j in todo])):
+                    texts[j] = text
+                item["texts"] = texts
         return out
 
     def tau_buckets(self) -> list[dict]:
@@ -242,16 +250,19 @@ def start_bandit(workdir: WorkDir, config: QuadConfig | dict, budget_tokens: int
 class ScoreRequest(tuple):
     """One planned item to score. Unpacks as ``(cluster, doc_ids)`` (what a score function that
     knows only ids takes); ``shards`` / ``rows`` locate the same documents (shard names as the queue
-    step recorded them: relpaths in the select job), so scoring needs no id lookup."""
+    step recorded them: relpaths in the select job), so scoring needs no id lookup; ``texts`` are
+    the documents' texts when the queue files hold them (then nothing is read from the shards)."""
 
-    def __new__(cls, cluster: int, doc_ids: Sequence[str], shards: Sequence = (), rows: Sequence[int] = ()):
+    def __new__(cls, cluster: int, doc_ids: Sequence[str], shards: Sequence = (), rows: Sequence[int] = (),
+                texts: Sequence[str] | None = None):
         self = super().__new__(cls, (int(cluster), list(doc_ids)))
         self.shards = list(shards)
         self.rows = [int(r) for r in rows]
+        self.texts = None if texts is None else list(texts)  # given when the queues hold the texts
         return self
 
     def __getnewargs__(self):
-        return (self[0], self[1], self.shards, self.rows)
+        return (self[0], self[1], self.shards, self.rows, self.texts)
 
     @property
     def cluster(self) -> int:
@@ -340,8 +351,10 @@ def _score_uncached(score_fn: ScoreFn, items: list[dict]) -> list[list[float]]:
         cached = item.get("cached") or [None] * len(item["sample"])
         todo = [j for j, c in enumerate(cached) if c is None]
         if todo:
+            texts = item.get("texts")
             requests.append(ScoreRequest(item["cluster"], [item["sample"][j] for j in todo],
-                                         [item["shards"][j] for j in todo], [item["rows"][j] for j in todo]))
+                                         [item["shards"][j] for j in todo], [item["rows"][j] for j in todo],
+                                         None if texts is None else [texts[j] for j in todo]))
             slots.append((i, todo))
     computed = score_fn(requests) if requests else []
     out = [[float(c) if c is not None else float("nan") for c in (item.get("cached") or [None] * len(item["sample"]))]

@@ -112,7 +112,10 @@ def influence_score_fn(workers: list, readers: list):
         if len(shards) != len(flat) or len(rows) != len(flat):
             raise ValueError("influence_score_fn: every request needs the shards and rows of its documents")
         t0 = time.perf_counter()
-        texts = read_located(readers, routes, shards, rows)
+        if all(getattr(r, "texts", None) is not None for r in requests):  # the plan brought them
+            texts = [t for r in requests for t in r.texts]
+        else:
+            texts = read_located(readers, routes, shards, rows)
         t1 = time.perf_counter()
         scores = score_parallel(workers, flat, texts, batch_docs=max(1, min(64, -(-len(flat) // len(workers)))))
         spent["documents"] += len(flat)
