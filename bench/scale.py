@@ -145,6 +145,22 @@ class MemorySampler(threading.Thread):
         self.peaks[name] = max(self.peaks.get(name, 0), rss)
 
 
+def stage_seconds(marks: list[tuple[float, str]], total: float, lines) -> dict[str, float]:
+    """Seconds per stage from ``(time, log line)`` marks: a line starting with a prefix of ``lines``
+    closes its stage (a stage of None closes nothing); ``other`` is what no line closed (start-up
+    of Ray and actors, untimed tails)."""
+    stages, previous = {}, 0.0
+    for at, message in marks:
+        for prefix, stage in lines:
+            if message.startswith(prefix):
+                if stage is not None:
+                    stages[stage] = round(stages.get(stage, 0.0) + at - previous, 2)
+                    previous = at
+                break
+    stages["other"] = round(total - sum(stages.values()), 2)
+    return stages
+
+
 def run_one(config_path: Path, metrics_path: Path) -> None:
     from ray_jobs.select import run
     from selector.config import load_config
@@ -165,14 +181,7 @@ def run_one(config_path: Path, metrics_path: Path) -> None:
     sampler.stop.set()
     sampler.join()
     manifest = read_manifest(uri, columns=["doc_id"])
-    stages, previous = {}, 0.0
-    for at, message in marks:
-        for prefix, stage in STAGE_LINES:
-            if message.startswith(prefix):
-                stages[stage] = round(stages.get(stage, 0.0) + at - previous, 2)
-                previous = at
-                break
-    stages["other"] = round(total - sum(stages.values()), 2)  # start-up (Ray, actors) and untimed tails
+    stages = stage_seconds(marks, total, STAGE_LINES)
     peaks = dict(sampler.peaks)
     peaks["driver"] = max(peaks.get("driver", 0), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     metrics_path.write_text(json.dumps({

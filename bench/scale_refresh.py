@@ -42,6 +42,7 @@ def stage_lines():
 
 
 def run_one(kind: str, config_path: Path, metrics_path: Path) -> None:
+    from bench.scale import stage_seconds
     from ray_jobs.refresh import refresh
     from ray_jobs.select import run
     from selector.config import load_config
@@ -62,15 +63,7 @@ def run_one(kind: str, config_path: Path, metrics_path: Path) -> None:
         uri = refresh(RefreshConfig(), config, progress=False, log=log)
     total = time.monotonic() - started
     manifest = read_manifest(uri, columns=["doc_id"])
-    stages, previous = {}, 0.0
-    for at, message in marks:
-        for prefix, stage in stage_lines():
-            if message.startswith(prefix):
-                if stage is not None:
-                    stages[stage] = round(stages.get(stage, 0.0) + at - previous, 2)
-                    previous = at
-                break
-    stages["other"] = round(total - sum(stages.values()), 2)
+    stages = stage_seconds(marks, total, stage_lines())
     summary = manifest.summary
     metrics_path.write_text(json.dumps({
         "seconds": round(total, 1), "stages": stages, "selected": len(manifest),

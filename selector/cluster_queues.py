@@ -372,11 +372,12 @@ def _shard_texts(text_source: tuple, rows: list[int]) -> list[str]:
     return list(batch.texts)
 
 
-def _read_cluster_range(workdir: WorkDir, key: str, lo: int, hi: int) -> pa.Table:
-    """Rows of a sorted shard file with ``lo <= cluster <= hi``, reading only overlapping row groups."""
+def read_cluster_range(fs, path: str, lo: int, hi: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows with ``lo <= cluster <= hi`` of a Parquet file sorted by ``cluster``, reading only the row
+    groups whose cluster statistics overlap the range (also used by selector.score_cache)."""
     import pyarrow.compute as pc
 
-    with workdir.fs.open(f"{workdir.stage_dir(SORT_STAGE)}/{key}.parquet", "rb") as f:
+    with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         col = pf.schema_arrow.get_field_index("cluster")
         groups = []
@@ -384,9 +385,16 @@ def _read_cluster_range(workdir: WorkDir, key: str, lo: int, hi: int) -> pa.Tabl
             st = pf.metadata.row_group(g).column(col).statistics
             if st is None or not st.has_min_max or (st.max >= lo and st.min <= hi):
                 groups.append(g)
-        table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+        empty = pf.schema_arrow.empty_table()
+        table = pf.read_row_groups(groups, columns=columns) if groups else \
+            (empty if columns is None else empty.select(columns))
     c = table.column("cluster")
     return table.filter(pc.and_(pc.greater_equal(c, lo), pc.less_equal(c, hi)))
+
+
+def _read_cluster_range(workdir: WorkDir, key: str, lo: int, hi: int) -> pa.Table:
+    """Rows of a sorted shard file with ``lo <= cluster <= hi``."""
+    return read_cluster_range(workdir.fs, f"{workdir.stage_dir(SORT_STAGE)}/{key}.parquet", lo, hi)
 
 
 def merge_partition(workdir: WorkDir, keys: list[str], clusters: list[int], partition_hash: str,

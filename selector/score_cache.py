@@ -44,8 +44,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from selector.cluster_queues import read_cluster_range
 from selector.workdir import WorkDir, atomic_write_bytes, table_to_parquet_bytes
 
 LOG_STAGE = "quad_scores"
@@ -108,28 +108,13 @@ def prune(workdir: WorkDir, keep_runs: Iterable[str]) -> int:
     return deleted
 
 
-def _overlapping(path: str, fs, lo: int, hi: int, columns: list[str]) -> pa.Table:
-    """Rows of a file sorted by cluster with ``lo <= cluster <= hi``, reading only overlapping row groups."""
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        col = pf.schema_arrow.get_field_index("cluster")
-        groups = []
-        for g in range(pf.num_row_groups):
-            st = pf.metadata.row_group(g).column(col).statistics
-            if st is None or not st.has_min_max or (st.max >= lo and st.min <= hi):
-                groups.append(g)
-        table = pf.read_row_groups(groups, columns=columns) if groups else pf.schema_arrow.empty_table().select(columns)
-    c = table.column("cluster")
-    return table.filter(pc.and_(pc.greater_equal(c, lo), pc.less_equal(c, hi)))
-
-
 def build_range(workdir: WorkDir, run_id: str, segments: list[str], lo: int, hi: int,
                 valid_shards: list[str] | None) -> int:
     """One range file of the cache built from ``segments`` (see the module docstring); its row count."""
     pieces = []
     for order, seg in enumerate(segments):
-        t = _overlapping(f"{workdir.stage_dir(LOG_STAGE)}/{seg}.parquet", workdir.fs, lo, hi,
-                         ["cluster", "key", "shard", "score"])
+        t = read_cluster_range(workdir.fs, f"{workdir.stage_dir(LOG_STAGE)}/{seg}.parquet", lo, hi,
+                               ["cluster", "key", "shard", "score"])
         if valid_shards is not None:
             t = t.filter(pc.is_in(t.column("shard"), value_set=pa.array(valid_shards, pa.string())))
         pieces.append(t.select(["cluster", "key", "score"]).append_column(
@@ -204,8 +189,8 @@ class ScoreCache:
             got = (np.zeros(0), np.zeros(0))
         else:
             lo, hi = int(self._lo[i]), int(self._hi[i])
-            t = _overlapping(f"{self.workdir.stage_dir(CACHE_STAGE)}/{self.source}-r{lo:06d}-{hi:06d}.parquet",
-                             self.workdir.fs, cluster, cluster, ["cluster", "key", "score"])
+            path = f"{self.workdir.stage_dir(CACHE_STAGE)}/{self.source}-r{lo:06d}-{hi:06d}.parquet"
+            t = read_cluster_range(self.workdir.fs, path, cluster, cluster, ["cluster", "key", "score"])
             got = (t.column("key").to_numpy(), t.column("score").to_numpy())
         self._lru[cluster] = got
         while len(self._lru) > self.cache_clusters:
