@@ -145,6 +145,19 @@ class MemorySampler(threading.Thread):
         self.peaks[name] = max(self.peaks.get(name, 0), rss)
 
 
+def timed_log():
+    """``(marks, log, started)``: ``log(message)`` prints the line and records ``(seconds since
+    started, message)`` in ``marks`` (what :func:`stage_seconds` reads)."""
+    marks: list[tuple[float, str]] = []
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        marks.append((time.monotonic() - started, str(message)))
+        print(message, flush=True)
+
+    return marks, log, started
+
+
 def stage_seconds(marks: list[tuple[float, str]], total: float, lines) -> dict[str, float]:
     """Seconds per stage from ``(time, log line)`` marks: a line starting with a prefix of ``lines``
     closes its stage (a stage of None closes nothing); ``other`` is what no line closed (start-up
@@ -167,12 +180,7 @@ def run_one(config_path: Path, metrics_path: Path) -> None:
     from selector.manifest import read_manifest
 
     config = load_config(config_path)
-    marks: list[tuple[float, str]] = []
-    started = time.monotonic()
-
-    def log(message: str) -> None:
-        marks.append((time.monotonic() - started, str(message)))
-        print(message, flush=True)
+    marks, log, started = timed_log()
 
     sampler = MemorySampler()
     sampler.start()

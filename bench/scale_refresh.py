@@ -42,7 +42,7 @@ def stage_lines():
 
 
 def run_one(kind: str, config_path: Path, metrics_path: Path) -> None:
-    from bench.scale import stage_seconds
+    from bench.scale import stage_seconds, timed_log
     from ray_jobs.refresh import refresh
     from ray_jobs.select import run
     from selector.config import load_config
@@ -50,12 +50,7 @@ def run_one(kind: str, config_path: Path, metrics_path: Path) -> None:
     from selector.refresh import RefreshConfig
 
     config = load_config(config_path)
-    marks: list[tuple[float, str]] = []
-    started = time.monotonic()
-
-    def log(message: str) -> None:
-        marks.append((time.monotonic() - started, str(message)))
-        print(message, flush=True)
+    marks, log, started = timed_log()
 
     if kind == "full":
         uri = run(config, progress=False, log=log)
