@@ -21,6 +21,7 @@ once, here.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -35,6 +36,7 @@ MAX_LINE_CHARS = 300
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RAY_NOISE = re.compile(r"\s*\(?\b(actor_id|pid|ip|repr|task_id|worker_id|node_id)[=:]\s*[^,)\s]+[,)]?")
+_CHAINED = re.compile(r"^(The above exception was|During handling of the above exception)")
 _EXC_LINE = re.compile(r"^(?P<cls>[A-Za-z_][\w.]*(?:Error|Exception|Exit))(?::\s?(?P<msg>.*))?$")
 
 
@@ -89,17 +91,41 @@ def quiet_worker_tracebacks() -> None:
         for name, handler in handlers:
             if name == "ray_print_logs":
                 def quiet(data, _handler=handler):
-                    if data.get("is_err"):
-                        data = _without_tracebacks(data)
-                        if data is None:
-                            return
-                    _handler(data)
+                    data = _without_tracebacks(data)  # stderr, and the raylet's "task failed" reports
+                    if data is not None:
+                        _handler(data)
 
                 wrapped.append((name, quiet))
             else:
                 wrapped.append((name, handler))
         wrapped.append(("thresher_quiet", lambda data: None))  # marks the dispatcher as done
         dispatcher.handlers = wrapped
+
+
+class _RayDataConsoleFilter(logging.Filter):
+    """Only Ray Data's warnings reach the console (a stage's error, with Ray Data's own abbreviated
+    traceback, is reported by :func:`report`; its info lines are execution bookkeeping), and not the
+    one that says our progress bars replace Ray Data's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if debug_enabled():
+            return True
+        if record.levelno != logging.WARNING:  # errors: reported by report(); info: Ray Data's bookkeeping
+            return False
+        return "Progress bars disabled" not in record.getMessage()
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's console output without the errors reported once by :func:`report` (not while
+    debugging); its log file (``ray-data.log`` in the Ray session) keeps everything."""
+    try:
+        import ray.data  # noqa: F401 - configures the "ray.data" logger and its handlers
+    except ImportError:  # pragma: no cover
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and \
+                not any(isinstance(f, _RayDataConsoleFilter) for f in handler.filters):
+            handler.addFilter(_RayDataConsoleFilter())
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -115,6 +141,8 @@ def unwrap(exc: BaseException) -> BaseException:
             cause = getattr(exc, "cause", None)
             if cause is None or cause is exc:
                 break
+            if type(cause).__name__ == "UserCodeException":  # Ray Data's wrapper of a stage's own error
+                cause = cause.__cause__ or _from_text(str(exc)) or cause
             exc = cause
         elif isinstance(exc, RayActorError) and getattr(exc, "actor_init_failed", False):
             exc = _from_text(str(exc)) or exc
@@ -136,7 +164,12 @@ def _from_text(text: str) -> BaseException | None:
         name = match["cls"].rsplit(".", 1)[-1]
         cls = getattr(errors, name, None)
         if isinstance(cls, type) and issubclass(cls, ThresherError):
-            message = "\n".join([match["msg"] or ""] + lines[i + 1:]).strip()
+            rest = []
+            for line in lines[i + 1:]:  # the message's own lines, up to Ray's text about the wrapper
+                if _CHAINED.match(line) or line.startswith("ray::"):
+                    break
+                rest.append(line)
+            message = "\n".join([match["msg"] or ""] + rest).strip()
             return cls(message)
     return None
 

@@ -24,7 +24,7 @@ from selector.errors import ConfigError, ManifestError, ModelLoadError
 from selector.manifest import ManifestWriter, manifest_uri, read_manifest, run_summary, selection_table
 from selector.models import load_tokenizer, tokenizer_fingerprint
 from selector.storage import set_retry_seconds, storage_error
-from ray_jobs.errors import quiet_worker_tracebacks
+from ray_jobs.errors import quiet_ray_data_console, quiet_worker_tracebacks
 from selector.workdir import WorkDir
 from workers.runtime import connect, job_env, resolve_workers
 from workers.shard_reader import index_corpus, random_selection, start_shard_readers
@@ -93,6 +93,7 @@ def run_pipeline(config: JobConfig, run_id: str, workdir: WorkDir, progress: boo
     connect(config.ray)
     config = resolve_workers(config, log)  # `auto` pool sizes from the cluster's GPUs / CPU cores and memory
     quiet_worker_tracebacks()  # the error is reported once, by ray_jobs.errors (not with --debug)
+    quiet_ray_data_console()
 
     # 1. index: list shards, validate, count documents and tokens
     log(f"run {run_id}: {len(shards)} shards under {config.corpus.uri}")

@@ -1,33 +1,28 @@
-"""Embed stage on Ray: a pool of ``EmbedWorker`` actors, each holding one encoder.
+"""Embed stage on Ray Data: an actor pool of ``EmbedShards``, each holding one encoder.
 
-Thin over ``selector.embedding``: the actor adds residency (the model is loaded once per
-actor, not per shard) and resources (one GPU per actor when the cluster has GPUs, else a
-fraction of a CPU, since whole-CPU actors starve other Ray work on small machines). The
-driver decides which shards are already done (same config hash) before any actor starts,
-so a fully finished stage loads no model at all.
+Thin over ``selector.embedding``: the stage adds residency (the model is loaded once per actor,
+not per shard) and resources (one GPU per actor when the cluster has GPUs, else a fraction of a
+CPU, since whole-CPU actors starve other Ray work on small machines); the executor is
+:func:`workers.shard_stage.run_shard_stage`. The driver decides which shards are already done
+(same config hash) before any actor starts, so a fully finished stage loads no model at all.
 """
 
 from __future__ import annotations
 
-import sys
+import os
 import time
-import uuid
 from dataclasses import asdict
 
 import ray
-from tqdm import tqdm
 
 from selector.corpus import Corpus, CorpusConfig, ShardInfo
 from selector.embedding import EmbedConfig, Encoder, embed_shard, encoder_identity, shard_config_hash, STAGE
 from selector.workdir import WorkDir, shard_key
-from workers.runtime import job_env
+from workers.shard_stage import ShardStage, run_shard_stage
 
-RESTARTS = 3  # restarts of a dead encoder actor (and retries of its in-flight shard)
-ACTOR_PREFIX = "thresher-embed-"
+class EmbedShards(ShardStage):
+    """One encoder; ``(shard, config_hash) -> stats`` embeds a shard into the work dir."""
 
-
-@ray.remote
-class EmbedWorker:
     def __init__(self, corpus_config: dict, embed_config: dict, work_root: str, run_id: str,
                  work_storage_options: dict):
         self.corpus = Corpus(CorpusConfig.model_validate(corpus_config))
@@ -37,13 +32,12 @@ class EmbedWorker:
     def info(self) -> dict:
         import torch
 
-        import os
+        return {"pid": os.getpid(), "device": self.encoder.device, "dtype": str(self.encoder.torch_dtype),
+                "dim": self.encoder.dim, "threads": torch.get_num_threads(), "identity": self.encoder.identity()}
 
-        return {"pid": os.getpid(), "device": self.encoder.device, "dtype": str(self.encoder.torch_dtype), "dim": self.encoder.dim,
-                "threads": torch.get_num_threads(), "identity": self.encoder.identity()}
-
-    def embed(self, shard: ShardInfo, config_hash: str) -> dict:
-        return asdict(embed_shard(self.corpus, shard, self.encoder, self.workdir, config_hash))
+    def process(self, shard: ShardInfo, config_hash: str) -> dict:
+        return {**asdict(embed_shard(self.corpus, shard, self.encoder, self.workdir, config_hash)),
+                "worker": self.info()}
 
 
 def embed_corpus(corpus_config: CorpusConfig, embed_config: EmbedConfig, workdir: WorkDir,
@@ -74,39 +68,20 @@ def embed_corpus(corpus_config: CorpusConfig, embed_config: EmbedConfig, workdir
     if todo:
         cfg = embed_config
         if use_gpu:
-            options = {"num_gpus": 1, "num_cpus": num_cpus or 1}
+            resources = {"num_gpus": 1, "num_cpus": num_cpus or 1}
             cfg = embed_config.model_copy(update={"device": "cuda"})
         else:
             cpus = num_cpus or 0.5
-            options = {"num_cpus": cpus}
+            resources = {"num_cpus": cpus}
             cfg = embed_config.model_copy(update={"device": "cpu",
                                                   "num_threads": embed_config.num_threads or max(1, int(cpus))})
-        # A dead actor (process killed, node lost) is restarted and its in-flight shard retried: a shard's
-        # output is written whole, then its done marker, so a retried shard just writes it again.
-        tag = uuid.uuid4().hex[:8]
-        actors = [EmbedWorker.options(**job_env(**options), name=f"{ACTOR_PREFIX}{tag}-{i}", max_restarts=RESTARTS,
-                                      max_task_retries=RESTARTS).remote(
-            corpus_config.model_dump(mode="json"), cfg.model_dump(mode="json"), workdir.root, workdir.run_id,
-            workdir.storage_options) for i in range(max(1, min(n_workers, len(todo))))]
-        try:
-            info = ray.get(actors[0].info.remote())
-            pool = ray.util.ActorPool(actors)
-            # Largest shards first, so the last shard to finish is a small one.
-            ordered = sorted(todo, key=lambda s: (-s.size, s.relpath))
-            for s in ordered:
-                pool.submit(lambda a, sh: a.embed.remote(sh, hashes[sh.relpath]), s)
-            with tqdm(total=len(ordered), desc="embed", unit="shard", disable=not progress, file=sys.stderr,
-                      mininterval=0.5, dynamic_ncols=True) as bar:
-                docs = 0
-                while pool.has_next():
-                    stats = pool.get_next_unordered()
-                    per_shard.append(stats)
-                    docs += stats["n_docs"]
-                    bar.set_postfix_str(f"{docs:,} docs", refresh=False)
-                    bar.update(1)
-        finally:
-            for actor in actors:  # free the models (and GPUs) for later stages
-                ray.kill(actor)
+        kwargs = {"corpus_config": corpus_config.model_dump(mode="json"), "embed_config": cfg.model_dump(mode="json"),
+                  "work_root": workdir.root, "run_id": workdir.run_id, "work_storage_options": workdir.storage_options}
+        # A shard's output is written whole, then its done marker, so a retried shard just writes it again.
+        done = run_shard_stage("embed", EmbedShards, kwargs, todo, hashes, concurrency=n_workers,
+                               progress=progress, count_key="n_docs", **resources)
+        info = done[0].get("worker") if done else None
+        per_shard.extend({k: v for k, v in d.items() if k != "worker"} for d in done)
     per_shard.sort(key=lambda r: r["shard"])
     return {
         "shards": per_shard,
@@ -123,4 +98,4 @@ def embed_corpus(corpus_config: CorpusConfig, embed_config: EmbedConfig, workdir
     }
 
 
-__all__ = ["EmbedWorker", "embed_corpus"]
+__all__ = ["EmbedShards", "embed_corpus"]
