@@ -335,8 +335,9 @@ def select_by_loss(job: Job):
 
     column, descending = ("excess_mean", True) if job.config.method == "rho" else ("ref_mean", False)
     job_hash = job.config.stage_hash("corpus", "tokenizer", "rho", extra={"method": job.config.method})
+    check_loss_models(job.config)
     stats = score_shards(job.shards, job.config.rho, job.workdir, job_hash, column, descending,
-                         actors=loss_workers(job), progress=progress_bar(job, "losses"))
+                         corpus_config=job.config.corpus, n_workers=job.config.ray.loss_workers, progress=job.progress)
     keys = stats.pop("keys")
     runs = [job.workdir.iter_row_groups(LOSS_STAGE, k, columns=[KEY, "doc_id", "shard", "row", "n_tokens", column])
             for k in keys]
@@ -452,16 +453,24 @@ def cluster_queues(job: Job, keys: list[str], with_texts: bool = False) -> dict:
     return {k: info[k] for k in ("clusters", "documents", "skipped")}
 
 
-def loss_workers(job: Job) -> list:
-    """The reference+training model actors, started once per job (refuses mismatched tokenizers)."""
+def check_loss_models(config: JobConfig) -> None:
+    """Refuse a reference or training model whose tokenizer is not the job's (before any actor starts)."""
     from selector.models import require_same_tokenizer
+
+    rho = config.rho
+    require_same_tokenizer({"tokenizer": config.tokenizer, "rho.reference_model": rho.reference_model,
+                            "rho.training_model": rho.training_model})
+
+
+def loss_workers(job: Job) -> list:
+    """The reference+training model actors of the mask stage, started once per job (refuses mismatched
+    tokenizers)."""
     from workers.loss_scorer import start_workers
 
     if job._loss_workers is None:
-        rho = job.config.rho
-        require_same_tokenizer({"tokenizer": job.config.tokenizer, "rho.reference_model": rho.reference_model,
-                                "rho.training_model": rho.training_model})
-        job._loss_workers = start_workers(rho, corpus_config=job.config.corpus, n_workers=job.config.ray.loss_workers)
+        check_loss_models(job.config)
+        job._loss_workers = start_workers(job.config.rho, corpus_config=job.config.corpus,
+                                          n_workers=job.config.ray.loss_workers)
     return job._loss_workers
 
 

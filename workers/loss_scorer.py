@@ -1,15 +1,17 @@
-"""Ray actors for Rho-1: reference/training per-token losses, document scores, token masks.
+"""Rho-1 on Ray: reference/training per-token losses, document scores, token masks.
 
-Each :class:`LossWorker` holds both models (one GPU each when the cluster has GPUs, else
+Each :class:`LossWorker` (and each :class:`ScoreShardLosses` actor) holds both models (one GPU each when the cluster has GPUs, else
 ``worker_num_cpus`` CPUs) and is a thin shell over :class:`selector.rho.RhoScorer`.
 
 Two driver-side entry points:
 
 * :func:`score_shards` — document scores for ``method: perplexity`` (mean reference loss)
-  and ``method: rho`` (mean excess loss), written per shard by the workers to the work dir as
-  sorted runs (:mod:`selector.ranked_selection`); only per-shard counts travel to the driver.
+  and ``method: rho`` (mean excess loss), written per shard to the work dir as sorted runs
+  (:mod:`selector.ranked_selection`) by a Ray Data actor pool (:class:`ScoreShardLosses`, a per-shard
+  map stage); only per-shard counts travel to the driver.
   (:func:`score_documents` returns the scores of given batches instead: tests and benches.)
-* :func:`compute_token_masks` — the ``mask`` stage over a selection. Global-sketch mode is
+* :func:`compute_token_masks` — the ``mask`` stage over a selection, on :class:`LossWorker` actors
+  (not a per-shard map: the sketch mode keeps state in the actors between two phases). Global-sketch mode is
   two-phase so per-token losses never leave the workers: (1) every worker scores its batches,
   keeps their excess losses and returns a histogram; (2) the driver merges the histograms,
   picks the threshold bin, and every worker turns its stored losses into packed masks.
@@ -31,11 +33,69 @@ from selector.corpus import Corpus, CorpusConfig, DocumentBatch, RejectSink
 from selector.errors import ModelLoadError, ThresherError
 from selector.models import require_same_tokenizer
 from workers.runtime import fit_num_cpus, job_env, pending_shards, round_robin
+from workers.shard_stage import ShardStage
 from selector.rho import (ExcessHistogram, RhoConfig, excess_losses, mean_scores, pack_mask, topk_masks_exact,
                           topk_masks_per_batch)
 
 RESTARTS = 3  # restarts of a dead loss actor (and retries of its in-flight calls)
 ACTOR_PREFIX = "thresher-loss-"  # actor names: <prefix><job tag>-<i> (visible in `ray list actors`)
+
+
+def resolve_item(corpus: Corpus | None, item) -> DocumentBatch:
+    """A work item is a DocumentBatch, or ``(ShardInfo, rows | None)`` read here (so texts never pass
+    through the driver); ``rows=None`` means the whole shard."""
+    if isinstance(item, DocumentBatch):
+        return item
+    if corpus is None:
+        raise ValueError("shard work items need the worker to be started with a corpus_config")
+    shard, rows = item
+    if rows is not None:
+        return corpus.read_rows(shard, list(rows))
+    out = DocumentBatch(shard.relpath)
+    for b in corpus.iter_batches(shard, rejects=RejectSink()):
+        for row, doc_id, text in zip(b.rows, b.doc_ids, b.texts):
+            out.append(row, doc_id, text)
+    return out
+
+
+def score_batch(scorer, batch: DocumentBatch) -> dict:
+    """Per-document scores of ``batch`` under ``scorer`` (a :class:`selector.rho.RhoScorer`)."""
+    ref, train = scorer.score(batch.texts)
+    excess = excess_losses(train.losses, ref.losses)
+    return {"doc_id": batch.doc_ids, "shard": [batch.shard] * len(batch), "row": batch.rows,
+            "n_tokens": ref.n_tokens, "ref_mean": mean_scores(ref.losses), "train_mean": mean_scores(train.losses),
+            "excess_mean": mean_scores(excess), "skipped": ref.skipped, "tokens_scored": ref.tokens_scored}
+
+
+class ScoreShardLosses(ShardStage):
+    """The per-shard loss stage of ``perplexity`` / ``rho`` on Ray Data: both models per actor; each
+    shard's scores written to the work dir as a run sorted by the method's order
+    (:mod:`selector.ranked_selection`), then its done marker; only the shard's counts come back.
+    Written whole then marked, so a shard retried after a restart just writes it again."""
+
+    def __init__(self, config: dict, storage_options: dict | None, corpus_config: dict, work: tuple,
+                 stage: str, column: str, descending: bool):
+        from selector.rho import RhoScorer
+        from selector.workdir import WorkDir
+
+        self.scorer = RhoScorer(RhoConfig(**config), storage_options=storage_options)
+        self.corpus = Corpus(CorpusConfig(**corpus_config))
+        self.workdir = WorkDir(*work)
+        self.stage, self.column, self.descending = stage, column, descending
+
+    def process(self, shard, config_hash: str) -> dict:
+        from selector.ranked_selection import ROW_GROUP, sort_run
+        from selector.workdir import shard_key
+
+        part = score_batch(self.scorer, resolve_item(self.corpus, (shard, None)))
+        table = _score_table([part])
+        run, unscored = sort_run(table, self.column, self.descending)
+        tokens = run["n_tokens"].to_numpy()
+        stats = {"shard": shard.relpath, "n_docs": table.num_rows, "unscored": unscored, "skipped": part["skipped"],
+                 "tokens_scored": int(part["tokens_scored"]), "min_tokens": int(tokens.min()) if tokens.size else 0}
+        self.workdir.write_table(self.stage, shard_key(shard.relpath), run, config_hash, stats,
+                                 row_group_size=ROW_GROUP)
+        return stats
 
 
 @ray.remote
@@ -52,20 +112,7 @@ class LossWorker:
         self.generation = uuid.uuid4().hex  # new after a restart: the driver sees lost sketch-mode state
 
     def _resolve(self, item) -> DocumentBatch:
-        """A work item is a DocumentBatch, or ``(ShardInfo, rows | None)`` read here (so texts
-        never pass through the driver); ``rows=None`` means the whole shard."""
-        if isinstance(item, DocumentBatch):
-            return item
-        if self.corpus is None:
-            raise ValueError("shard work items need the worker to be started with a corpus_config")
-        shard, rows = item
-        if rows is not None:
-            return self.corpus.read_rows(shard, list(rows))
-        out = DocumentBatch(shard.relpath)
-        for b in self.corpus.iter_batches(shard, rejects=RejectSink()):
-            for row, doc_id, text in zip(b.rows, b.doc_ids, b.texts):
-                out.append(row, doc_id, text)
-        return out
+        return resolve_item(self.corpus, item)
 
     def tokenizer_fingerprint(self) -> str:
         return self.scorer.tokenizer_fingerprint
@@ -78,30 +125,7 @@ class LossWorker:
 
     def score(self, item) -> dict:
         """Per-document scores of one work item (skipped documents have NaN scores)."""
-        batch = self._resolve(item)
-        ref, train = self.scorer.score(batch.texts)
-        excess = excess_losses(train.losses, ref.losses)
-        return {"doc_id": batch.doc_ids, "shard": [batch.shard] * len(batch), "row": batch.rows,
-                "n_tokens": ref.n_tokens, "ref_mean": mean_scores(ref.losses), "train_mean": mean_scores(train.losses),
-                "excess_mean": mean_scores(excess), "skipped": ref.skipped, "tokens_scored": ref.tokens_scored}
-
-    def score_shard(self, item: tuple, work: tuple, stage: str, column: str, descending: bool) -> dict:
-        """Score a whole shard (``item = (ShardInfo, config_hash)``) and write its scores to the
-        work dir as a run sorted by the method's order (:mod:`selector.ranked_selection`), then its
-        done marker; only the shard's counts come back. Written whole then marked, so a retried
-        call after a restart just writes it again."""
-        from selector.ranked_selection import ROW_GROUP, sort_run
-        from selector.workdir import WorkDir, shard_key
-
-        shard, config_hash = item
-        part = self.score((shard, None))
-        table = _score_table([part])
-        run, unscored = sort_run(table, column, descending)
-        tokens = run["n_tokens"].to_numpy()
-        stats = {"shard": shard.relpath, "n_docs": table.num_rows, "unscored": unscored, "skipped": part["skipped"],
-                 "tokens_scored": int(part["tokens_scored"]), "min_tokens": int(tokens.min()) if tokens.size else 0}
-        WorkDir(*work).write_table(stage, shard_key(shard.relpath), run, config_hash, stats, row_group_size=ROW_GROUP)
-        return stats
+        return score_batch(self.scorer, self._resolve(item))
 
     def score_for_masks(self, item, mode: str) -> dict:
         """Score a work item for the mask stage. ``mode``: 'sketch' keeps the losses here and
@@ -246,16 +270,27 @@ LOSS_STAGE = "losses"  # per-shard score runs of perplexity / rho (selector.rank
 
 
 def score_shards(shards: list, config: RhoConfig, workdir, job_hash: str, column: str, descending: bool,
-                 actors: list, progress: Callable[[int], None] | None = None) -> dict:
-    """Score every shard not already done under ``job_hash`` (resume), each written by its actor to
-    ``losses/<shard key>.parquet`` as a sorted run; returns the totals and ``min_tokens`` (the
-    shortest scored document), read from the done markers of skipped shards. O(shards) here."""
+                 corpus_config: CorpusConfig, n_workers: int | None = None, storage_options: dict | None = None,
+                 progress: bool = True) -> dict:
+    """Score every shard not already done under ``job_hash`` (resume) on a Ray Data actor pool
+    (:class:`ScoreShardLosses`; ``rho.num_workers``, else ``n_workers``, else one per GPU; one GPU each,
+    or ``rho.worker_num_cpus``), each shard written to ``losses/<shard key>.parquet`` as a sorted run;
+    returns the totals and ``min_tokens`` (the shortest scored document), read from the done markers
+    of skipped shards. O(shards) here."""
     from selector.workdir import shard_key
+    from workers.shard_stage import run_shard_stage
 
     hashes, todo, per_shard = pending_shards(workdir, LOSS_STAGE, shards, job_hash)
-    work = (workdir.root, workdir.run_id, workdir.storage_options)
-    per_shard += round_robin(actors, "score_shard", [(s, hashes[s.relpath]) for s in todo],
-                      (work, LOSS_STAGE, column, descending), progress=progress)
+    if todo:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        n = min(config.num_workers or n_workers or max(gpus, 1), len(todo))
+        resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": fit_num_cpus(config.worker_num_cpus, n)}
+        kwargs = {"config": config.model_dump(mode="json"), "storage_options": storage_options,
+                  "corpus_config": corpus_config.model_dump(mode="json"),
+                  "work": (workdir.root, workdir.run_id, workdir.storage_options), "stage": LOSS_STAGE,
+                  "column": column, "descending": descending}
+        per_shard += run_shard_stage("losses", ScoreShardLosses, kwargs, todo, hashes, concurrency=n,
+                                     progress=progress, count_key="n_docs", **resources)
     mins = [int(p["min_tokens"]) for p in per_shard if p.get("n_docs", 0) - p.get("unscored", 0) > 0]
     return {"skipped": _sum_skips(per_shard), "tokens_scored": int(sum(p["tokens_scored"] for p in per_shard)),
             "documents": int(sum(p["n_docs"] for p in per_shard)),
