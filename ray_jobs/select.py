@@ -269,26 +269,32 @@ INFLUENCE_RUN_STAGE = "influence_runs"  # topk-influence: per-shard influence sc
 def select_topk_influence(job: Job):
     """Influence of every document, highest first under the budget (selector.baselines.topk_influence).
 
-    Each influence worker scores whole shards (texts from the shard readers, never through the
-    driver) and writes each as a ranked run to the work dir (resumable per shard); the selection is
-    the k-way merge of the runs (selector.ranked_selection, rule ``prefix``, ties by hash key)."""
+    The per-shard scoring is a Ray Data stage (workers.influence.ScoreShardInfluence: the proxy and the
+    query per actor, each shard's texts read by its actor, never through the driver), each shard
+    written as a ranked run to the work dir (resumable per shard); the selection is the k-way merge
+    of the runs (selector.ranked_selection, rule ``prefix``, ties by hash key)."""
     from selector.ranked_selection import KEY, select_from_runs
     from selector.workdir import shard_key
-    from workers.influence import RUN_STAGE
-    from workers.influence_stage import prepare_influence
-    from workers.runtime import pending_shards, round_robin
-    from workers.shard_reader import shard_routes
+    from workers.influence import RUN_STAGE, ScoreShardInfluence
+    from workers.influence_stage import STAGE, prepare_influence
+    from workers.runtime import pending_shards
+    from workers.shard_stage import run_shard_stage
 
-    workers = prepare_influence(job.config, job.workdir, job.readers, job.progress, job.log)
     job_hash = job.config.stage_hash("corpus", "tokenizer", "proxy_model", "influence", "factors", "seed", "reference")
     hashes, todo, per_shard = pending_shards(job.workdir, RUN_STAGE, job.shards, job_hash)
     keys = {s.relpath: shard_key(s.relpath) for s in job.shards}
-    routes = shard_routes(job.readers)
-    work = (job.workdir.root, job.workdir.run_id, job.workdir.storage_options)
-    # one call per shard, with its reader: the worker fetches the texts itself
-    per_shard += round_robin(workers, "score_shard",
-                             [(s.relpath, hashes[s.relpath], job.readers[routes[s.relpath]]) for s in todo],
-                             (work, job.config.seed), progress=progress_bar(job, "influence"))
+    if todo:
+        # factors and query (fitted, or found in the work dir); the fitting actors then make way
+        for worker in prepare_influence(job.config, job.workdir, job.readers, job.progress, job.log):
+            ray.kill(worker)
+        kwargs = {"model_path": job.config.proxy_model, "config": job.config.influence.model_dump(mode="json"),
+                  "storage_options": job.workdir.storage_options,
+                  "query_uri": job.workdir.uri(STAGE, "query.safetensors"),
+                  "corpus_config": job.config.corpus.model_dump(mode="json"),
+                  "work": (job.workdir.root, job.workdir.run_id, job.workdir.storage_options), "seed": job.config.seed}
+        per_shard += run_shard_stage("influence", ScoreShardInfluence, kwargs, todo, hashes,
+                                     concurrency=job.config.ray.influence_workers, progress=job.progress,
+                                     count_key="n_docs", **model_actor_resources(job))
     runs = [job.workdir.iter_row_groups(RUN_STAGE, keys[s.relpath],
                                         columns=[KEY, "hash_key", "doc_id", "shard", "row", "n_tokens", "score"])
             for s in job.shards]

@@ -10,6 +10,8 @@ Driver-side helpers:
   of the fitting texts; the driver adds them (sums + token counts are exact to merge),
   normalises and eigendecomposes; with EK-FAC a second parallel pass is reduced the same way.
 * :func:`make_workers` - a pool with ``num_gpus=1`` when GPUs exist, fractional CPUs otherwise.
+
+``topk-influence`` scores whole shards as a Ray Data per-shard stage (:class:`ScoreShardInfluence`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import ray
 
 from selector.influence import InfluenceConfig
 from workers.runtime import job_env
+from workers.shard_stage import ShardStage
 
 
 RUN_STAGE = "influence_runs"  # topk-influence: each shard's scores as a ranked run
@@ -32,17 +35,10 @@ class InfluenceWorker:
 
     def __init__(self, model_path: str, config: dict | None = None, device: str | None = None,
                  storage_options: dict | None = None):
-        import torch
-
-        from selector.models import load_causal_lm, load_tokenizer
-        from selector.tracked_layers import discover_blocks
-
         self.config = InfluenceConfig(**(config or {}))
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.storage_options = storage_options
-        self.tokenizer = load_tokenizer(model_path, storage_options)
-        self.model = load_causal_lm(model_path, device=self.device, storage_options=storage_options)
-        self.blocks = discover_blocks(self.model, self.config.layers)
+        self.tokenizer, self.model, self.blocks, self.device = load_proxy(model_path, self.config, device,
+                                                                          storage_options)
         self.factors = None
         self.query = None
 
@@ -103,35 +99,68 @@ class InfluenceWorker:
                 "cosine": None if s.cosine is None else s.cosine.tolist()}
 
 
-    def score_shard(self, item: tuple, work: tuple, seed: int) -> dict:
-        """``topk-influence``'s per-shard stage: score every document of the shard (``item =
-        (relpath, config_hash, reader)``, texts from its shard reader), write them to the work dir as a run
-        ranked highest first, ties by the seeded hash key (:mod:`selector.ranked_selection`), then the
-        done marker; only counts come back. The rank score is the cosine variant with ``normalise``."""
+
+
+def load_proxy(model_path: str, config: InfluenceConfig, device: str | None, storage_options: dict | None):
+    """``(tokenizer, model, blocks, device)``: the proxy model on ``device`` (default: cuda if present)
+    with its tracked layers."""
+    import torch
+
+    from selector.models import load_causal_lm, load_tokenizer
+    from selector.tracked_layers import discover_blocks
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(model_path, storage_options)
+    model = load_causal_lm(model_path, device=device, storage_options=storage_options)
+    return tokenizer, model, discover_blocks(model, config.layers), device
+
+
+class ScoreShardInfluence(ShardStage):
+    """``topk-influence``'s per-shard stage on Ray Data: the proxy model and the preconditioned query
+    per actor; each shard's indexed documents (the index in the work dir, the texts read from the
+    shard here) scored and written to the work dir as a run ranked highest first, ties by the seeded
+    hash key (:mod:`selector.ranked_selection`), then the done marker; only counts come back. The rank
+    score is the cosine variant with ``normalise``."""
+
+    def __init__(self, model_path: str, config: dict, storage_options: dict | None, query_uri: str,
+                 corpus_config: dict, work: tuple, seed: int):
+        from selector.corpus import Corpus, CorpusConfig
+        from selector.influence import InfluenceQuery
+        from selector.workdir import WorkDir
+
+        self.config = InfluenceConfig(**config)
+        self.tokenizer, self.model, self.blocks, self.device = load_proxy(model_path, self.config, None,
+                                                                          storage_options)
+        self.query = InfluenceQuery.load(query_uri, storage_options)
+        self.corpus = Corpus(CorpusConfig(**corpus_config))
+        self.workdir = WorkDir(*work)
+        self.seed = seed
+
+    def process(self, shard, config_hash: str) -> dict:
         import pyarrow as pa
 
-        from selector.index import hash_keys
+        from selector.index import INDEX_STAGE, hash_keys
         from selector.influence import score_documents
         from selector.ranked_selection import ROW_GROUP, sort_run
-        from selector.workdir import WorkDir, shard_key
+        from selector.workdir import shard_key
 
-        relpath, config_hash, reader = item
-        if self.query is None:
-            raise RuntimeError("InfluenceWorker.score_shard: no query loaded (load_state(factors, query))")
-        docs = ray.get(reader.shard_documents.remote(relpath))
-        s = score_documents(self.model, self.tokenizer, docs["text"], self.query, self.blocks, self.config) \
-            if docs["doc_id"] else None
+        key = shard_key(shard.relpath)
+        index = self.workdir.read_table(INDEX_STAGE, key, columns=["doc_id", "row", "n_tokens"])
+        doc_ids, rows = index["doc_id"].to_pylist(), index["row"].to_pylist()
+        texts = self.corpus.read_rows(shard, rows).texts if rows else []
+        s = score_documents(self.model, self.tokenizer, texts, self.query, self.blocks, self.config) \
+            if doc_ids else None
         rank = [] if s is None else (s.cosine if s.cosine is not None else s.score)
-        table = pa.table({"doc_id": pa.array(docs["doc_id"], pa.string()),
-                          "shard": pa.array([relpath] * len(docs["doc_id"]), pa.string()),
-                          "row": pa.array(docs["row"], pa.int64()), "n_tokens": pa.array(docs["n_tokens"], pa.int64()),
+        table = pa.table({"doc_id": pa.array(doc_ids, pa.string()),
+                          "shard": pa.array([shard.relpath] * len(doc_ids), pa.string()),
+                          "row": pa.array(rows, pa.int64()), "n_tokens": index["n_tokens"].cast(pa.int64()),
                           "score": pa.array(np.asarray(rank, np.float64)),
-                          "hash_key": pa.array(hash_keys(docs["doc_id"], seed) if docs["doc_id"] else np.zeros(0))})
+                          "hash_key": pa.array(hash_keys(doc_ids, self.seed) if doc_ids else np.zeros(0))})
         run, unscored = sort_run(table, "score", True, tie="hash_key")
         tokens = run["n_tokens"].to_numpy()
-        stats = {"shard": relpath, "n_docs": table.num_rows, "unscored": unscored,
+        stats = {"shard": shard.relpath, "n_docs": table.num_rows, "unscored": unscored,
                  "min_tokens": int(tokens.min()) if tokens.size else 0}
-        WorkDir(*work).write_table(RUN_STAGE, shard_key(relpath), run, config_hash, stats, row_group_size=ROW_GROUP)
+        self.workdir.write_table(RUN_STAGE, key, run, config_hash, stats, row_group_size=ROW_GROUP)
         return stats
 
 
