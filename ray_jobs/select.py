@@ -353,26 +353,34 @@ def select_by_loss(job: Job):
 
 
 def select_gtp(job: Job):
-    from selector.gtp_features import FeatureShardRef
+    from selector.gtp_features import STAGE, FeatureShardRef, features_config_hash
     from selector.workdir import shard_key
-    from workers.gtp import TrajectoryFeatureActor, corpus_mean_on_ray, distributed_pursuit, locate_selection
+    from workers.gtp import FeaturizeShards, TrajectoryFeatureActor, corpus_mean_on_ray, distributed_pursuit, \
+        locate_selection
     from workers.influence_stage import reference_texts
-    from workers.progress import gather
-    from workers.shard_reader import shard_routes
+    from workers.shard_stage import run_shard_stage
 
     cfg = job.config.gtp
-    actors = [TrajectoryFeatureActor.options(**job_env(**model_actor_resources(job))).remote(
-        cfg.model_dump(mode="json"), job.workdir.root, job.workdir.run_id, job.workdir.storage_options)
-        for _ in range(job.config.ray.influence_workers)]
-    routes = shard_routes(job.readers)
     keys = [shard_key(s.relpath) for s in job.shards]
-    # stage: per-shard trajectory features, resumable; each actor fetches its shard from the shard's reader
-    futures = [actors[i % len(actors)].shard_from_reader.remote(key, s.relpath, job.readers[routes[s.relpath]])
-               for i, (key, s) in enumerate(zip(keys, job.shards))]
-    computed = gather(futures, "gtp features", enabled=job.progress)
+    # stage: per-shard trajectory features (Ray Data), resumable; each actor reads its shard's texts itself
+    feature_hash = features_config_hash(cfg)
+    todo = [s for s, k in zip(job.shards, keys) if not job.workdir.is_done(STAGE, k, feature_hash)]
+    resources = model_actor_resources(job)
+    device = "cuda" if resources.get("num_gpus") else "cpu"
+    work = (job.workdir.root, job.workdir.run_id, job.workdir.storage_options)
+    computed = run_shard_stage("gtp features", FeaturizeShards, {"config": cfg.model_dump(mode="json"), "work": work,
+                                                                 "corpus_config": job.config.corpus.model_dump(mode="json"),
+                                                                 "device": device},
+                               todo, {s.relpath: feature_hash for s in todo}, concurrency=job.config.ray.influence_workers,
+                               progress=job.progress, **resources)
     refs = [FeatureShardRef(job.workdir.root, job.workdir.run_id, k, job.workdir.storage_options) for k in keys]
     if cfg.target == "reference":
-        y = ray.get(actors[0].reference_target.remote(reference_texts(job.config, job.log)))
+        actor = TrajectoryFeatureActor.options(**job_env(**resources)).remote(
+            cfg.model_dump(mode="json"), job.workdir.root, job.workdir.run_id, job.workdir.storage_options, device)
+        try:
+            y = ray.get(actor.reference_target.remote(reference_texts(job.config, job.log)))
+        finally:
+            ray.kill(actor)
     else:
         y = corpus_mean_on_ray(refs)
     result = distributed_pursuit(refs, y, budget_tokens=job.budget, oversample=cfg.oversample,

@@ -25,6 +25,7 @@ import numpy as np
 import ray
 
 from selector.gtp_features import STAGE as FEATURE_STAGE
+from workers.shard_stage import ShardStage
 
 from selector.errors import StageError
 from selector.gtp import (GTPPartition, budget_local_k, global_pursuit, local_candidates, local_k,
@@ -216,9 +217,41 @@ def locate_selection(refs: Sequence[Any], shard_of_key: dict[str, str], ids: Seq
             "row": [found[str(d)][1] for d in ids], "n_tokens": [found[str(d)][2] for d in ids]}
 
 
+class FeaturizeShards(ShardStage):
+    """GTP's per-shard feature stage on Ray Data: the checkpoints loaded once per actor; each shard's
+    indexed documents (the index in the work dir, the texts read from the shard here) featurized
+    into the work dir (:func:`selector.gtp_features.compute_shard_features`), written whole, then
+    marked done."""
+
+    def __init__(self, config: dict, work: tuple, corpus_config: dict, device: str = "cpu"):
+        from selector.corpus import Corpus, CorpusConfig
+        from selector.gtp import GTPConfig
+        from selector.gtp_features import TrajectoryFeaturizer
+        from selector.workdir import WorkDir
+
+        self.workdir = WorkDir(*work)
+        self.featurizer = TrajectoryFeaturizer(GTPConfig.model_validate(config), device=device,
+                                               storage_options=self.workdir.storage_options)
+        self.corpus = Corpus(CorpusConfig(**corpus_config))
+
+    def process(self, shard, config_hash: str) -> dict:
+        from selector.gtp_features import compute_shard_features
+        from selector.index import INDEX_STAGE
+        from selector.workdir import shard_key
+
+        key = shard_key(shard.relpath)
+        index = self.workdir.read_table(INDEX_STAGE, key, columns=["doc_id", "row", "n_tokens"])
+        rows = index["row"].to_pylist()
+        texts = self.corpus.read_rows(shard, rows).texts if rows else []
+        computed = compute_shard_features(self.workdir, key, self.featurizer, index["doc_id"].to_pylist(), rows,
+                                          texts, index["n_tokens"].to_pylist(), config_hash)
+        return {"key": key, "computed": computed, "dim": int(self.featurizer.dim)}
+
+
 @ray.remote
 class TrajectoryFeatureActor:
-    """Loads the GTP checkpoints once; ``shard(...)`` featurizes one corpus shard into the work dir.
+    """Loads the GTP checkpoints once; ``shard(...)`` featurizes given documents of one shard into the
+    work dir, ``reference_target`` the reference set (the job's ``gtp.target: reference``).
 
     Give it fractional ``num_cpus`` (``.options(num_cpus=0.5)``) next to Ray Data readers, or
     ``num_gpus=1`` with ``device='cuda'``.
@@ -242,14 +275,6 @@ class TrajectoryFeatureActor:
         computed = compute_shard_features(self.workdir, key, self.featurizer, doc_ids, rows, texts, n_tokens,
                                           self.config_hash)
         return {"key": key, "computed": computed, "dim": int(self.featurizer.dim)}
-
-    def shard_from_reader(self, key: str, relpath: str, reader) -> dict:
-        """Featurize the shard ``relpath`` with its documents fetched from its shard ``reader``
-        (so texts never pass through the driver); skipped, unread, when already done."""
-        if self.workdir.is_done(FEATURE_STAGE, key, self.config_hash):
-            return {"key": key, "computed": False, "dim": int(self.featurizer.dim)}
-        docs = ray.get(reader.shard_documents.remote(relpath))
-        return self.shard(key, docs["doc_id"], docs["row"], docs["text"], docs["n_tokens"])
 
     def reference_target(self, texts: list[str]) -> np.ndarray:
         return self.featurizer.reference_target(texts)
