@@ -55,6 +55,15 @@ def index_shard(corpus: Corpus, shard: ShardInfo, counter: TokenCounter, workdir
     return table, stats
 
 
+def indexed_documents(corpus: Corpus, shard: ShardInfo, workdir: WorkDir) -> tuple[pa.Table, list[str]]:
+    """``(index, texts)`` of ``shard``: its finished index from the work dir (``doc_id, row, n_tokens``:
+    the documents that passed validation) and their texts, read from the shard (what a per-shard
+    scoring stage needs; one shard, read by the worker that scores it)."""
+    index = workdir.read_table(INDEX_STAGE, shard_key(shard.relpath), columns=["doc_id", "row", "n_tokens"])
+    rows = index["row"].to_pylist()
+    return index, (corpus.read_rows(shard, rows).texts if rows else [])
+
+
 def hash_keys(doc_ids: list[str], seed: int) -> np.ndarray:
     """Uniform [0, 1) keys, a deterministic function of (seed, doc_id)."""
     prefix = f"{seed}:".encode()

@@ -49,3 +49,25 @@ def test_merged_local_prefixes_equal_the_global_selection_for_any_partition():
 
 def test_empty_inputs():
     assert merge_hash_order([hash_order_prefix(None, 0, 10)], 10).num_rows == 0
+
+
+def test_indexed_documents_are_the_index_rows_with_their_texts(tmp_path, tiny_tokenizer_dir):
+    """What a per-shard stage reads: the shard's finished index from the work dir and the texts of
+    exactly those rows (a rejected record is in neither)."""
+    from selector.corpus import Corpus, CorpusConfig, TokenCounter
+    from selector.demo_corpus import write_shard
+    from selector.index import index_shard, indexed_documents
+    from selector.workdir import WorkDir
+
+    docs = [{"text": f"document number {i} " * (i + 1)} for i in range(6)]
+    docs[3] = {"text": ""}  # rejected at indexing (empty), quarantined
+    write_shard(tmp_path / "corpus" / "a.jsonl", docs)
+    corpus = Corpus(CorpusConfig(uri=str(tmp_path / "corpus"), on_bad_record="quarantine"))
+    (shard,) = corpus.list_shards()
+    workdir = WorkDir(str(tmp_path / "work"), "run")
+    table, _ = index_shard(corpus, shard, TokenCounter(str(tiny_tokenizer_dir)), workdir, "h")
+    index, texts = indexed_documents(corpus, shard, workdir)
+    assert index["row"].to_pylist() == table["row"].to_pylist() == [0, 1, 2, 4, 5]
+    assert index["doc_id"].to_pylist() == table["doc_id"].to_pylist()
+    assert index["n_tokens"].to_pylist() == table["n_tokens"].to_pylist()
+    assert texts == [docs[r]["text"] for r in (0, 1, 2, 4, 5)]

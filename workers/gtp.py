@@ -236,15 +236,13 @@ class FeaturizeShards(ShardStage):
 
     def process(self, shard, config_hash: str) -> dict:
         from selector.gtp_features import compute_shard_features
-        from selector.index import INDEX_STAGE
+        from selector.index import indexed_documents
         from selector.workdir import shard_key
 
         key = shard_key(shard.relpath)
-        index = self.workdir.read_table(INDEX_STAGE, key, columns=["doc_id", "row", "n_tokens"])
-        rows = index["row"].to_pylist()
-        texts = self.corpus.read_rows(shard, rows).texts if rows else []
-        computed = compute_shard_features(self.workdir, key, self.featurizer, index["doc_id"].to_pylist(), rows,
-                                          texts, index["n_tokens"].to_pylist(), config_hash)
+        index, texts = indexed_documents(self.corpus, shard, self.workdir)
+        computed = compute_shard_features(self.workdir, key, self.featurizer, index["doc_id"].to_pylist(),
+                                          index["row"].to_pylist(), texts, index["n_tokens"].to_pylist(), config_hash)
         return {"key": key, "computed": computed, "dim": int(self.featurizer.dim)}
 
 

@@ -139,15 +139,14 @@ class ScoreShardInfluence(ShardStage):
     def process(self, shard, config_hash: str) -> dict:
         import pyarrow as pa
 
-        from selector.index import INDEX_STAGE, hash_keys
+        from selector.index import hash_keys, indexed_documents
         from selector.influence import score_documents
         from selector.ranked_selection import ROW_GROUP, sort_run
         from selector.workdir import shard_key
 
         key = shard_key(shard.relpath)
-        index = self.workdir.read_table(INDEX_STAGE, key, columns=["doc_id", "row", "n_tokens"])
+        index, texts = indexed_documents(self.corpus, shard, self.workdir)
         doc_ids, rows = index["doc_id"].to_pylist(), index["row"].to_pylist()
-        texts = self.corpus.read_rows(shard, rows).texts if rows else []
         s = score_documents(self.model, self.tokenizer, texts, self.query, self.blocks, self.config) \
             if doc_ids else None
         rank = [] if s is None else (s.cosine if s.cosine is not None else s.score)

@@ -117,16 +117,6 @@ class ShardReader:
             raise KeyError(f"shard {relpath!r}: rows {missing[:5]} are not indexed documents")
         return [texts[r] for r in rows]
 
-    def shard_documents(self, relpath: str) -> dict[str, list]:
-        """Every indexed document of the shard ``relpath``: ``doc_id, row, n_tokens, text`` (what a
-        per-shard scoring stage needs; one shard, so a worker, not the driver, asks for it)."""
-        if relpath not in self._index:
-            raise KeyError(f"shard {relpath!r} not owned by this reader or not indexed")
-        table = self._index[relpath]
-        rows = table["row"].to_pylist()
-        return {"doc_id": table["doc_id"].to_pylist(), "row": rows, "n_tokens": table["n_tokens"].to_pylist(),
-                "text": self.read_rows(relpath, rows)}
-
     def _shard_texts(self, relpath: str) -> dict[int, str]:
         if relpath in self._cache:
             self._cache.move_to_end(relpath)
