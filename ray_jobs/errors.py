@@ -100,6 +100,29 @@ def quiet_worker_tracebacks() -> None:
                 wrapped.append((name, handler))
         wrapped.append(("thresher_quiet", lambda data: None))  # marks the dispatcher as done
         dispatcher.handlers = wrapped
+    _quiet_error_messages()
+
+
+def _quiet_error_messages() -> None:
+    """The errors Ray pushes to the driver (``(raylet) Task ... failed ... Traceback``: e.g. Ray Data
+    retrying calls on an actor whose ``__init__`` raised) without their tracebacks. Ray prints them
+    from its error-listener thread through ``ray._private.worker.print_to_stdstream``, not the
+    worker-log dispatcher; if that shape changes, this does nothing."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:  # pragma: no cover
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "thresher_quiet", False):
+        return
+
+    def quiet(data, *args, **kwargs):
+        data = _without_tracebacks(data)
+        if data is not None:
+            original(data, *args, **kwargs)
+
+    quiet.thresher_quiet = True
+    ray_worker.print_to_stdstream = quiet
 
 
 class _RayDataConsoleFilter(logging.Filter):

@@ -147,6 +147,18 @@ def build_cases(root: Path, tokenizer: Path, s3_endpoint: str, denied_endpoint: 
     shard_dir("budget_too_large", {"a.jsonl": good})
     cases["budget_too_large"] = (job("budget_too_large", budget={"tokens": 10**9}),
                                  ["budget.tokens (1,000,000,000) is larger than the corpus", "budget.fraction"])
+    # caught inside Ray, in a Ray Data stage actor's __init__ (Ray Data retries its calls on the dead actor)
+    broken = root / "broken_encoder"
+    broken.mkdir()
+    for f in tokenizer.iterdir():
+        if f.name.startswith("tokenizer"):
+            (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "config.json").write_text('{"model_type": "bert", "hidden_size": "wide"}')
+    cases["broken_encoder"] = (job("broken_encoder", corpus={"uri": str(root / "budget_too_large")},
+                                   method="exploration-only", embed={"model": str(broken), "max_tokens": 32},
+                                   cluster={"k": 2, "seed": 0}, quad={"block_size": 4}),
+                               [str(broken), "hidden_size"])
+
     # caught before Ray starts
     cases["missing_tokenizer"] = (job("malformed_json", tokenizer=str(root / "no-such-tokenizer")),
                                   ["tokenizer", "no-such-tokenizer", "does not exist"])
@@ -206,7 +218,7 @@ def bad_runs(tmp_path_factory, tiny_tokenizer_dir, s3_server, denied_s3):
 
 CASES = ["truncated_parquet", "malformed_json", "missing_text_column", "non_string_text", "invalid_utf8",
          "huge_document", "empty_shard", "not_gzip", "budget_too_large", "missing_tokenizer", "no_shards",
-         "missing_model", "unreachable_s3", "no_such_bucket", "access_denied"]
+         "missing_model", "broken_encoder", "unreachable_s3", "no_such_bucket", "access_denied"]
 
 
 @pytest.mark.parametrize("name", CASES)
