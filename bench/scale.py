@@ -212,13 +212,29 @@ def measure(method: str, n: int, inputs: dict, cache: Path, seed: int, log=print
     if done.returncode != 0:
         raise SystemExit(f"{method} at {n:,} documents failed (exit {done.returncode}); see "
                          f"{cache / f'log-{method}-{n}.txt'}")
-    result = json.loads(metrics.read_text()) | {"method": method, "documents": n,
+    result = json.loads(metrics.read_text()) | {"method": method, "documents": n, "commit": git_commit(),
                                                  "load_before": round(load_before, 2),
                                                  "load_after": round(os.getloadavg()[0], 2)}
     shutil.rmtree(work, ignore_errors=True)  # the work dir of a 1e7 run is large
     log(f"{method} {n:,}: {result['seconds']:.0f} s, driver {result['peak_rss_bytes']['driver'] / 2**20:.0f} MiB, "
         f"stages {result['stages']}")
     return result
+
+
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True,
+                          cwd=ROOT).stdout.strip()
+
+
+def merge_results(previous: dict, results: list[dict], meta: dict) -> tuple[list[dict], dict]:
+    """``--merge``: the previous invocation's rows for the (method, documents) not measured now, then
+    this invocation's; each row keeps the commit it ran at, and the meta lists every invocation."""
+    measured = {(r["method"], r["documents"]) for r in results}
+    kept = [r for r in previous.get("results", []) if (r["method"], r["documents"]) not in measured]
+    runs = previous.get("meta", {}).get("invocations") or ([previous["meta"]] if previous.get("meta") else [])
+    meta = dict(meta, invocations=[*runs, {k: v for k, v in meta.items() if k != "invocations"}],
+                notes=previous.get("meta", {}).get("notes", []))
+    return kept + results, meta
 
 
 # --------------------------------------------------------------------------- report
@@ -238,8 +254,10 @@ def mib(b) -> str:
 
 def write_report(results: list[dict], meta: dict, out_md: Path) -> None:
     methods = sorted({r["method"] for r in results}, key=["random", "quad"].index)
-    lines = ["# Scale benchmark", "", f"Command: `{meta['command']}`", "",
-             f"Commit `{meta['commit']}`; {meta['machine']}; total wall time {meta['wall_minutes']:.1f} min "
+    runs = meta.get("invocations") or [meta]
+    lines = ["# Scale benchmark", "", *(f"Command: `{m['command']}` at commit `{m['commit']}`, "
+                                         f"{m['wall_minutes']:.1f} min" for m in runs), "",
+             f"{meta['machine']}; each row's commit is in its table "
              f"(synthetic corpus generated in {meta['generate_seconds']} s, cached between invocations). "
              "Budget 5% of the corpus tokens; quad: k = max(16, n / 1000) clusters, encoder window 128 tokens; "
              "tiny random-weight models (bench/scale.py docstring). Each job ran from a fresh work dir in its own "
@@ -249,8 +267,8 @@ def write_report(results: list[dict], meta: dict, out_md: Path) -> None:
         stages = list(dict.fromkeys(s for _, s in STAGE_LINES if any(s in r["stages"] for r in rows))) + ["other"]
         procs = sorted({p for r in rows for p in r["peak_rss_bytes"]}, key=lambda p: (p != "driver", p))
         lines += [f"## {method}", "", "Seconds per stage (documents/s in brackets where the stage reads every document):",
-                  "", "| documents | total s | " + " | ".join(stages) + " | load avg before/after |",
-                  "|---:|---:|" + "---:|" * len(stages) + "---|"]
+                  "", "| documents | total s | " + " | ".join(stages) + " | load avg before/after | commit |",
+                  "|---:|---:|" + "---:|" * len(stages) + "---|---|"]
         for r in rows:
             cells = []
             for s in stages:
@@ -262,13 +280,13 @@ def write_report(results: list[dict], meta: dict, out_md: Path) -> None:
                 else:
                     cells.append(f"{sec:.1f}")
             lines.append(f"| {r['documents']:,} | {r['seconds']:.0f} | " + " | ".join(cells) +
-                         f" | {r['load_before']} / {r['load_after']} |")
+                         f" | {r['load_before']} / {r['load_after']} | {r.get('commit', '')} |")
         lines.append("| log-log slope | " + (f"{slope([r['documents'] for r in rows], [r['seconds'] for r in rows]):.2f}"
                                              if len(rows) > 1 else "") + " | " +
                      " | ".join(f"{slope([r['documents'] for r in rows], [r['stages'].get(s, 0) for r in rows]):.2f}"
                                 if len(rows) > 1 and slope([r['documents'] for r in rows],
                                                            [r['stages'].get(s, 0) for r in rows]) is not None else ""
-                                for s in stages) + " | |")
+                                for s in stages) + " | | |")
         lines += ["", "Peak resident memory, MiB (process classes as Ray names them):", "",
                   "| documents | " + " | ".join(procs) + " |", "|---:|" + "---:|" * len(procs)]
         for r in rows:
@@ -327,6 +345,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=str(ROOT / ".scale-cache"), help="pool, models, per-run logs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default=str(RESULTS / "scale.md"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the results file's rows for the sizes and methods not measured now")
     args = parser.parse_args(argv)
     if args.run_one:
         run_one(Path(args.run_one[0]), Path(args.run_one[1]))
@@ -340,13 +360,13 @@ def main(argv=None) -> int:
     for method in args.methods.split(","):
         for n in sizes:
             results.append(measure(method, n, inputs, cache, args.seed))
-    commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
     meta = {"command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "commit": commit, "machine": f"{platform.machine()} {os.cpu_count()} cores, "
+            "commit": git_commit(), "machine": f"{platform.machine()} {os.cpu_count()} cores, "
             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
             "wall_minutes": (time.monotonic() - started) / 60, "generate_seconds": inputs["generate_seconds"]}
     out_md = Path(args.results)
+    if args.merge and out_md.with_suffix(".json").exists():
+        results, meta = merge_results(json.loads(out_md.with_suffix(".json").read_text()), results, meta)
     out_md.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     write_report(results, meta, out_md)
     plot(results, out_md.with_suffix(".png"))
