@@ -172,7 +172,7 @@ def main() -> None:
               f"{med['base_refresh_s']:.1f} s.", "",
               f"Load average at start {load_start[0]:.2f}, at end {result['machine']['loadavg_end'][0]:.2f} "
               f"({os.cpu_count()} CPUs).", "",
-              "What the refresh still pays for: listing, Ray actors (shard readers, influence workers: "
+              "What the refresh still pays for: listing, Ray workers (index tasks, influence actors: "
               "model loading), re-reading the index of every shard, the cluster and neighbour tables, and the "
               "whole bandit selection (its cost grows with the budget, not with the new shards). What it skips: "
               "embedding the old shards, the k-means fit, the K-FAC factor fit and the query.", ""]

@@ -27,23 +27,23 @@ from selector.storage import set_retry_seconds, storage_error
 from ray_jobs.errors import quiet_ray_data_console, quiet_worker_tracebacks
 from selector.workdir import WorkDir
 from workers.runtime import connect, job_env, resolve_workers
-from workers.shard_reader import index_corpus, random_selection, start_shard_readers
+from workers.index_reads import random_selection
+from workers.indexer import index_corpus
 
 
 @dataclass
 class Job:
-    """What every method's pipeline needs: the config, the work dir, the shard readers.
+    """What every method's pipeline needs: the config, the work dir, the shard listing.
 
-    The driver holds the shard listing (O(shards)); shard readers are found by shard
-    (:func:`workers.shard_reader.shard_routes`). Nothing here holds the corpus index: every method's
-    selection comes from per-shard or per-cluster files in the work dir (ranked runs, cluster queues,
-    feature shards) or from the readers' own hash-order prefixes, and names documents by (shard, row).
+    The driver holds the shard listing (O(shards)). Nothing here holds the corpus index: every
+    method's selection comes from per-shard or per-cluster files in the work dir (index tables,
+    ranked runs, cluster queues, feature shards), read by tasks (:mod:`workers.index_reads`), and
+    names documents by (shard, row).
     """
 
     config: JobConfig
     workdir: WorkDir
     shards: list[ShardInfo]
-    readers: list
     budget: int
     progress: bool
     log: Callable[[str], None]
@@ -97,55 +97,49 @@ def run_pipeline(config: JobConfig, run_id: str, workdir: WorkDir, progress: boo
 
     # 1. index: list shards, validate, count documents and tokens
     log(f"run {run_id}: {len(shards)} shards under {config.corpus.uri}")
-    readers = start_shard_readers(config.corpus, config.tokenizer, workdir, shards,
-                                  config.ray.shard_readers, config.ray.reader_num_cpus)
-    try:
-        index_stats = index_corpus(readers, config.stage_hash("corpus", "tokenizer"), progress)
-        log(f"indexed {index_stats['documents']:,} documents, {index_stats['tokens']:,} tokens, "
-            f"{index_stats['rejected']} rejected ({index_stats['shards_skipped']} shards already indexed)")
-        check_budget(config, index_stats)
-        job = Job(config, workdir, shards, readers, config.budget.resolve(index_stats["tokens"]), progress, log,
-                  hooks=hooks)
+    index_stats = index_corpus(config.corpus, config.tokenizer, workdir, shards,
+                               config.stage_hash("corpus", "tokenizer"), config.ray.shard_readers,
+                               config.ray.reader_num_cpus, progress)
+    log(f"indexed {index_stats['documents']:,} documents, {index_stats['tokens']:,} tokens, "
+        f"{index_stats['rejected']} rejected ({index_stats['shards_skipped']} shards already indexed)")
+    check_budget(config, index_stats)
+    job = Job(config, workdir, shards, config.budget.resolve(index_stats["tokens"]), progress, log,
+              hooks=hooks)
 
-        tokenizer_info = {"path": config.tokenizer, "fingerprint": tokenizer_fingerprint(tokenizer)}
-        reused = hooks.reuse(job, index_stats) if hooks is not None else None
-        if reused is not None:  # a refresh of an unchanged corpus: the previous selection, as it was
-            rows, extra = reused
-        else:
-            # 2-5. the method's own stages, then its selection
-            rows, extra = METHODS[config.method](job)
-            # 6. token masks (Rho-1) on top of any method's selection
-            if config.mask_tokens:
-                rows, mask_summary = add_token_masks(job, rows)
-                extra.setdefault("stages", {})["mask"] = mask_summary
+    tokenizer_info = {"path": config.tokenizer, "fingerprint": tokenizer_fingerprint(tokenizer)}
+    reused = hooks.reuse(job, index_stats) if hooks is not None else None
+    if reused is not None:  # a refresh of an unchanged corpus: the previous selection, as it was
+        rows, extra = reused
+    else:
+        # 2-5. the method's own stages, then its selection
+        rows, extra = METHODS[config.method](job)
+        # 6. token masks (Rho-1) on top of any method's selection
         if config.mask_tokens:
-            tokenizer_info["token_masks"] = ("token_mask: np.packbits(mask, bitorder='little') "
-                                             "over this tokenizer's tokens")
+            rows, mask_summary = add_token_masks(job, rows)
+            extra.setdefault("stages", {})["mask"] = mask_summary
+    if config.mask_tokens:
+        tokenizer_info["token_masks"] = ("token_mask: np.packbits(mask, bitorder='little') "
+                                         "over this tokenizer's tokens")
 
-        # manifest, committed last
-        table = selection_table(rows)
-        writer = ManifestWriter(config.work.root, run_id, config.work.storage_options)
-        writer.write(table)
-        summary = run_summary(config, shards, index_stats, job.budget, table,
-                              models=model_identities(config),
-                              tokenizer=tokenizer_info,
-                              stages={"index": {k: v for k, v in index_stats.items() if k != "shards"},
-                                      **extra.pop("stages", {})})
-        summary.update(extra)
-        if hooks is not None:
-            hooks.before_commit(job, writer, table, summary)
-        uri = writer.commit(summary)
-        selected = summary["budget"]["selected_tokens"]
-        log(f"selected {summary['budget']['selected_documents']:,} documents, {selected:,} of {job.budget:,} "
-            f"budget tokens -> {uri}")
-        if selected < 0.9 * job.budget:
-            log(f"warning: the selection fills only {selected / max(job.budget, 1):.0%} of the budget")
-        return uri
-    finally:
-        # Free the readers' CPUs now: a driver that runs several jobs (refresh, tests, notebooks)
-        # would otherwise keep them until every handle is garbage (an exception's traceback holds one).
-        for reader in readers:
-            ray.kill(reader)
+    # manifest, committed last
+    table = selection_table(rows)
+    writer = ManifestWriter(config.work.root, run_id, config.work.storage_options)
+    writer.write(table)
+    summary = run_summary(config, shards, index_stats, job.budget, table,
+                          models=model_identities(config),
+                          tokenizer=tokenizer_info,
+                          stages={"index": {k: v for k, v in index_stats.items() if k != "shards"},
+                                  **extra.pop("stages", {})})
+    summary.update(extra)
+    if hooks is not None:
+        hooks.before_commit(job, writer, table, summary)
+    uri = writer.commit(summary)
+    selected = summary["budget"]["selected_tokens"]
+    log(f"selected {summary['budget']['selected_documents']:,} documents, {selected:,} of {job.budget:,} "
+        f"budget tokens -> {uri}")
+    if selected < 0.9 * job.budget:
+        log(f"warning: the selection fills only {selected / max(job.budget, 1):.0%} of the budget")
+    return uri
 
 
 def check_model_paths(config: JobConfig) -> None:
@@ -191,22 +185,23 @@ def check_budget(config: JobConfig, index_stats: dict) -> None:
 
 
 def select_random(job: Job):
-    """The hash-order prefix under the budget, merged from the readers' prefixes (O(selection))."""
-    chosen = random_selection(job.readers, job.config.seed, job.budget)
+    """The hash-order prefix under the budget, merged from the index groups' prefixes (O(selection))."""
+    chosen = random_selection(job.workdir, [s.relpath for s in job.shards], job.config.seed, job.budget,
+                              min_groups=job.config.ray.shard_readers)
     return located_rows(job, chosen.select(["doc_id", "shard", "row", "n_tokens"]).to_pydict(), "random"), {}
 
 
 def select_quad(job: Job):
     """Quad with nothing O(documents) in the driver: the queues are written shard by shard and
     partition by partition (:func:`cluster_queues`), the bandit actor holds O(clusters) state, each
-    round's plan (O(round)) names its documents by (shard, row), the shard readers read them, and
+    round's plan (O(round)) names its documents by (shard, row) and carries their texts, and
     the selection comes back with its shards and rows (O(selection)) for the manifest."""
     from workers.bandit import run_quad_rounds, start_bandit
     from workers.influence_stage import influence_score_fn, prepare_influence
 
     keys, stages = embed_and_cluster(job)
     stages["cluster_queues"] = cluster_queues(job, keys, with_texts=True)
-    workers = prepare_influence(job.config, job.workdir, job.readers, job.progress, job.log)
+    workers = prepare_influence(job.config, job.workdir, job.shards, job.progress, job.log)
     scores = {}
     if job.hooks is not None:  # a refresh: seed the bandit with the previous run's arm statistics
         stages["bandit_carry"] = job.hooks.prepare_bandit(job)
@@ -214,7 +209,7 @@ def select_quad(job: Job):
         stages["score_cache"] = cache = job.hooks.score_cache(job)
         scores = {"score_log": cache["log"], "score_cache": cache["cache_from"]}
     bandit = start_bandit(job.workdir, job.config.quad, job.budget, job.config.seed, **scores)  # reads the queues
-    score_fn = influence_score_fn(workers, job.readers)
+    score_fn = influence_score_fn(workers, job.config.corpus, job.shards)
     status = run_quad_rounds(bandit, score_fn, job.progress, job.log, calibrate_fn=tau_calibration(job))
     spent = score_fn.spent
     job.log(f"quad: scored {spent['documents']:,} documents: reading texts {spent['read_seconds']:.1f} s, "
@@ -245,13 +240,13 @@ def tau_calibration(job: Job):
     if job.config.quad.tau != "validate":
         return None
     from workers.influence_stage import query_and_validation_texts
-    from workers.shard_reader import read_located, shard_routes
+    from workers.index_reads import read_located
 
     def calibrate(buckets: list[dict]) -> dict:
         _, validation = query_and_validation_texts(job.config, job.log)
-        routes = shard_routes(job.readers)
+        by_path = {s.relpath: s for s in job.shards}
         for b in buckets:
-            b["texts"] = read_located(job.readers, routes, b["shards"], b["rows"])
+            b["texts"] = read_located(job.config.corpus, by_path, b["shards"], b["rows"])
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         task = ray.remote(_choose_tau_bucket).options(**job_env(num_cpus=job.config.ray.worker_num_cpus, num_gpus=gpus))
         result = ray.get(task.remote(buckets, job.config.proxy_model, job.workdir.storage_options, validation,
@@ -285,7 +280,7 @@ def select_topk_influence(job: Job):
     keys = {s.relpath: shard_key(s.relpath) for s in job.shards}
     if todo:
         # factors and query (fitted, or found in the work dir); the fitting actors then make way
-        for worker in prepare_influence(job.config, job.workdir, job.readers, job.progress, job.log):
+        for worker in prepare_influence(job.config, job.workdir, job.shards, job.progress, job.log):
             ray.kill(worker)
         kwargs = {"model_path": job.config.proxy_model, "config": job.config.influence.model_dump(mode="json"),
                   "storage_options": job.workdir.storage_options,

@@ -87,8 +87,9 @@ class RayConfig(StrictModel):
 
     address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS, else start a local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local Ray (oversubscribe: 2 x cores).")
-    shard_readers: int = Field(2, ge=1, description="Shard-reader actors; shards are split among them.")
-    reader_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per reader (fractional avoids starving).")
+    shard_readers: int = Field(2, ge=1, description="Index tasks at once (Ray Data), and the least number of "
+                               "task groups the reads over the index are split into.")
+    reader_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per index task (fractional avoids starving).")
     embed_workers: WorkerCount = Field("auto", description="Encoder actors (one GPU each when the cluster has GPUs); "
                                        "auto: one per GPU, else one per CPU core within memory (workers.runtime).")
     influence_workers: WorkerCount = Field("auto", description="Influence (and GTP feature) actors; auto as embed_workers.")

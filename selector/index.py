@@ -28,12 +28,17 @@ INDEX_SCHEMA = pa.schema([
 ])
 
 
+def shard_index_hash(config_hash: str, shard: ShardInfo) -> str:
+    """The done-marker hash of a shard's index: the shard's size and version are part of it, so a
+    rewritten shard is re-indexed."""
+    return f"{config_hash}-{shard.size}-{shard.version}"
+
+
 def index_shard(corpus: Corpus, shard: ShardInfo, counter: TokenCounter, workdir: WorkDir,
                 config_hash: str) -> tuple[pa.Table, dict]:
     """Index ``shard`` (or load the finished index with the same config hash)."""
     key = shard_key(shard.relpath)
-    # The shard's version is part of the hash: a rewritten shard is re-indexed.
-    full_hash = f"{config_hash}-{shard.size}-{shard.version}"
+    full_hash = shard_index_hash(config_hash, shard)
     if workdir.is_done(INDEX_STAGE, key, full_hash):
         marker = workdir.read_marker(INDEX_STAGE, key)
         return workdir.read_table(INDEX_STAGE, key), dict(marker["stats"], skipped=True)
@@ -53,6 +58,13 @@ def index_shard(corpus: Corpus, shard: ShardInfo, counter: TokenCounter, workdir
              "rejected": len(rejects), "skipped": False}
     workdir.write_table(INDEX_STAGE, key, table, full_hash, stats)
     return table, stats
+
+
+def read_index(workdir: WorkDir, relpaths: list[str], columns: list[str] | None = None) -> pa.Table | None:
+    """The finished index tables of ``relpaths`` (shard relpaths), concatenated in that order; None if empty."""
+    tables = [workdir.read_table(INDEX_STAGE, shard_key(p), columns=columns) for p in relpaths]
+    tables = [t for t in tables if t.num_rows]
+    return pa.concat_tables(tables) if tables else None
 
 
 def indexed_documents(corpus: Corpus, shard: ShardInfo, workdir: WorkDir) -> tuple[pa.Table, list[str]]:

@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent("""
     from selector.corpus import Corpus
     from selector.manifest import read_manifest
     from selector.workdir import WorkDir
-    from workers.shard_reader import index_corpus, start_shard_readers
+    from selector.index import read_index
 
     def vm_data():
         return int(re.search(r"VmData:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
@@ -69,11 +69,9 @@ SCRIPT = textwrap.dedent("""
     cfg = parse_config(big[0])
     workdir = WorkDir(cfg.work.root, cfg.resolved_run_id())
     shards = Corpus(cfg.corpus).list_shards()
-    readers = start_shard_readers(cfg.corpus, cfg.tokenizer, workdir, shards, 1, 0.25)
-    index_corpus(readers, cfg.stage_hash("corpus", "tokenizer"), False)
-    try:  # what a driver-side index (the design before issue 14) did: every reader's table, then the ids
-        tables = [t for t in ray.get([r.index_table.remote() for r in readers]) if t is not None]
-        out["control"] = f"collected {{sum(len(t['doc_id'].to_pylist()) for t in tables)}} ids under the cap"
+    try:  # what a driver-side index (the design before issue 14) did: every shard's index, then the ids
+        table = read_index(workdir, [s.relpath for s in shards])
+        out["control"] = f"collected {{len(table['doc_id'].to_pylist())}} ids under the cap"
     except MemoryError:
         out["control"] = "MemoryError"
     print("RESULT " + json.dumps(out))

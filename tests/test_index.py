@@ -71,3 +71,18 @@ def test_indexed_documents_are_the_index_rows_with_their_texts(tmp_path, tiny_to
     assert index["doc_id"].to_pylist() == table["doc_id"].to_pylist()
     assert index["n_tokens"].to_pylist() == table["n_tokens"].to_pylist()
     assert texts == [docs[r]["text"] for r in (0, 1, 2, 4, 5)]
+
+
+def test_selector_package_never_imports_ray():
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, sys, selector\n"
+        "for m in pkgutil.iter_modules(selector.__path__):\n"
+        "    importlib.import_module('selector.' + m.name)\n"
+        "bad = [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -3,9 +3,9 @@
 Both outputs live in the work dir (``kfac/factors.safetensors``, ``kfac/query.safetensors``)
 with done markers, so a resumed job loads them instead of refitting.
 
-Documents are read by location: the shard readers are found by shard (O(shards),
-:func:`workers.shard_reader.shard_routes`), and texts by ``(shard, row)``; the driver holds no
-per-document map (the factor sample is O(readers x factors.documents), a scored batch O(batch)).
+Documents are read by location, ``(shard, row)``, by tasks over the work-dir index and the shards
+(:mod:`workers.index_reads`); the driver holds no per-document map (the factor sample is
+O(task groups x factors.documents), a scored batch O(batch)).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import ray
 from selector.corpus import Corpus, RejectSink
 from selector.workdir import WorkDir
 from workers.influence import fit_factors_parallel, make_workers, score_parallel
-from workers.shard_reader import random_sample_located, read_located, shard_routes
+from workers.index_reads import random_sample_located, read_located
 
 STAGE = "kfac"
 
@@ -54,7 +54,7 @@ def query_and_validation_texts(config, log: Callable[[str], None] = print) -> tu
     return split_reference(texts, config.quad.validation_fraction, config.seed)
 
 
-def prepare_influence(config, workdir: WorkDir, readers: list, progress: bool = True,
+def prepare_influence(config, workdir: WorkDir, shards: list, progress: bool = True,
                       log: Callable[[str], None] = print) -> list:
     """Influence workers holding the model, the fitted factors and the preconditioned query."""
     # The work dir's storage options reach the workers: they read and write the factor and query
@@ -73,8 +73,9 @@ def prepare_influence(config, workdir: WorkDir, readers: list, progress: bool = 
         log("reference: K-FAC factors found in the work dir")
     else:
         if config.factors.source == "corpus":
-            sample = random_sample_located(readers, config.factors.documents, config.seed)
-            texts = read_located(readers, shard_routes(readers), sample["shard"], sample["row"])
+            sample = random_sample_located(workdir, [s.relpath for s in shards], config.factors.documents,
+                                           config.seed, min_groups=config.ray.shard_readers)
+            texts = read_located(config.corpus, {s.relpath: s for s in shards}, sample["shard"], sample["row"])
         else:
             texts = reference_texts(config, log)[: config.factors.documents]
         log(f"reference: fitting K-FAC factors on {len(texts)} {config.factors.source} documents "
@@ -97,10 +98,10 @@ def prepare_influence(config, workdir: WorkDir, readers: list, progress: bool = 
     return workers
 
 
-def influence_score_fn(workers: list, readers: list):
-    """``score_fn`` for the bandit loop (and ``topk-influence``): read the requested documents by
-    their ``(shard, row)`` (:class:`workers.bandit.ScoreRequest`), score them in parallel."""
-    routes = shard_routes(readers)
+def influence_score_fn(workers: list, corpus_config, shards: list):
+    """``score_fn`` for the bandit loop: the requested documents' texts (brought by the plan, or read
+    by their ``(shard, row)``, :class:`workers.bandit.ScoreRequest`), scored in parallel."""
+    by_path = {s.relpath: s for s in shards}
     spent = {"documents": 0, "read_seconds": 0.0, "influence_seconds": 0.0}
 
     def score(requests: list) -> list[list[float]]:
@@ -115,7 +116,7 @@ def influence_score_fn(workers: list, readers: list):
         if all(getattr(r, "texts", None) is not None for r in requests):  # the plan brought them
             texts = [t for r in requests for t in r.texts]
         else:
-            texts = read_located(readers, routes, shards, rows)
+            texts = read_located(corpus_config, by_path, shards, rows)
         t1 = time.perf_counter()
         scores = score_parallel(workers, flat, texts, batch_docs=max(1, min(64, -(-len(flat) // len(workers)))))
         spent["documents"] += len(flat)
