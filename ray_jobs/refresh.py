@@ -97,7 +97,7 @@ class RefreshHooks:
         logged = ((self.previous.get("refresh") or {}).get("score_cache") or {}).get("log")
         self.score_cache_info = {"log": logged, "cache_from": None, "reason": "selection reused"}
         self.log(f"refresh: no document changed: committing the selection of {self.previous['run_id']} again")
-        rows = {name: previous.table[name].to_pylist() for name in previous.table.column_names}
+        rows = previous.table  # Arrow columns as they are (selection_table keeps them)
         extra = {"stages": {"reused": {"from_run_id": self.previous["run_id"]}}}
         for key in ("quad",):
             if key in self.previous:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from selector.config import JobConfig, load_config
@@ -188,7 +190,7 @@ def select_random(job: Job):
     """The hash-order prefix under the budget, merged from the index groups' prefixes (O(selection))."""
     chosen = random_selection(job.workdir, [s.relpath for s in job.shards], job.config.seed, job.budget,
                               min_groups=job.config.ray.shard_readers)
-    return located_rows(job, chosen.select(["doc_id", "shard", "row", "n_tokens"]).to_pydict(), "random"), {}
+    return located_rows(job, chosen.select(["doc_id", "shard", "row", "n_tokens"]), "random"), {}
 
 
 def select_quad(job: Job):
@@ -405,7 +407,7 @@ METHODS = {
 }
 
 
-def add_token_masks(job: Job, rows: dict[str, list]) -> tuple[dict[str, list], dict]:
+def add_token_masks(job: Job, rows: dict[str, list]) -> tuple[pa.Table, dict]:
     """Stage 6 (mask): Rho-1 token masks for the selected documents of any method."""
     from selector.rho import attach_token_masks
     from workers.loss_scorer import compute_token_masks, work_items
@@ -414,7 +416,7 @@ def add_token_masks(job: Job, rows: dict[str, list]) -> tuple[dict[str, list], d
     result = compute_token_masks(work_items(selection, job.shards), job.config.rho, actors=loss_workers(job),
                                  corpus_config=job.config.corpus, progress=progress_bar(job, "masks"))
     masked = attach_token_masks(selection, result.table)
-    return {name: masked[name].to_pylist() for name in masked.column_names}, result.summary
+    return masked, result.summary
 
 
 # --------------------------------------------------------------------------- shared stages
@@ -519,9 +521,20 @@ def model_identities(config: JobConfig) -> dict:
     return models
 
 
-def located_rows(job: Job, chosen: dict[str, list], method: str, **columns: list) -> dict[str, list]:
+def located_rows(job: Job, chosen: dict[str, list] | pa.Table, method: str, **columns: list) -> dict[str, list]:
     """Manifest rows from ``chosen`` columns ``doc_id, shard`` (relpath), ``row, n_tokens``, plus
-    ``columns``: shard URIs from the listing (O(shards)), nothing looked up by id."""
+    ``columns``: shard URIs from the listing (O(shards)), nothing looked up by id. A table stays
+    Arrow columns (a large selection is never Python lists in the driver)."""
+    if isinstance(chosen, pa.Table):
+        relpaths = pa.array([s.relpath for s in job.shards])
+        at = pc.index_in(chosen["shard"], value_set=relpaths)
+        if at.null_count:
+            raise KeyError(f"selection names a shard not in the listing: {chosen['shard'].filter(pc.is_null(at))[0]}")
+        rows = {"doc_id": chosen["doc_id"], "shard": pa.array([s.uri for s in job.shards]).take(at),
+                "row": chosen["row"], "n_tokens": chosen["n_tokens"],
+                "method": pa.repeat(pa.scalar(method), chosen.num_rows)}
+        rows.update(columns)
+        return rows
     uri_of = {s.relpath: s.uri for s in job.shards}
     rows = {
         "doc_id": list(chosen["doc_id"]),

@@ -60,8 +60,11 @@ def manifest_uri(root: str, run_id: str) -> str:
     return f"{manifests_root(root)}/{run_id}"
 
 
-def selection_table(rows: dict[str, list]) -> pa.Table:
-    """A table in ``MANIFEST_SCHEMA`` from column lists; missing optional columns are null."""
+def selection_table(rows: dict[str, list] | pa.Table) -> pa.Table:
+    """A table in ``MANIFEST_SCHEMA`` from columns (lists, numpy or Arrow arrays, or a table's columns);
+    missing optional columns are null."""
+    if isinstance(rows, pa.Table):
+        rows = {name: rows[name] for name in rows.column_names}
     n = len(rows["doc_id"])
     columns = {}
     for fld in MANIFEST_SCHEMA:
@@ -69,10 +72,11 @@ def selection_table(rows: dict[str, list]) -> pa.Table:
         if values is None:
             if not fld.nullable and fld.name != "weight":
                 raise ManifestError(f"selection is missing required column {fld.name!r}")
-            values = [1.0] * n if fld.name == "weight" else [None] * n
+            values = pa.repeat(pa.scalar(1.0), n) if fld.name == "weight" else pa.nulls(n, fld.type)
         if len(values) != n:
             raise ManifestError(f"column {fld.name!r} has {len(values)} values for {n} documents")
-        columns[fld.name] = pa.array(values, type=fld.type)
+        columns[fld.name] = (values.cast(fld.type) if isinstance(values, (pa.Array, pa.ChunkedArray))
+                             else pa.array(values, type=fld.type))
     return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
 
 
@@ -288,18 +292,14 @@ def list_manifests(root: str, storage_options: dict | None = None) -> list[dict[
 def run_summary(config, shards, index_stats: dict, budget_tokens: int, table: pa.Table,
                 models: dict | None = None, tokenizer: dict | None = None, stages: dict | None = None) -> dict:
     """The ``manifest.json`` body (less what the writer adds) for a job's selection ``table``."""
-    import collections
-
-    by_method = collections.Counter(table["method"].to_pylist()) if table.num_rows else {}
-    clusters = table["cluster"].to_pylist() if table.num_rows else []
-    tokens = table["n_tokens"].to_pylist() if table.num_rows else []
-    by_cluster: dict[str, dict[str, int]] = {}
-    for cluster, n in zip(clusters, tokens):
-        if cluster is None:
-            continue
-        entry = by_cluster.setdefault(str(cluster), {"documents": 0, "tokens": 0})
-        entry["documents"] += 1
-        entry["tokens"] += n
+    # Arrow aggregates, not Python lists: the selection can be millions of rows
+    by_method = {c["values"]: c["counts"] for c in pc.value_counts(table["method"]).to_pylist()} \
+        if table.num_rows else {}
+    clustered = table.filter(pc.is_valid(table["cluster"])).group_by("cluster").aggregate(
+        [("n_tokens", "count"), ("n_tokens", "sum")]).sort_by("cluster").to_pylist()
+    by_cluster = {str(c["cluster"]): {"documents": c["n_tokens_count"], "tokens": c["n_tokens_sum"]}
+                  for c in clustered}
+    selected_tokens = int(pc.sum(table["n_tokens"]).as_py() or 0)
     return {
         "method": config.method,
         "config": config.redacted(),
@@ -314,7 +314,8 @@ def run_summary(config, shards, index_stats: dict, budget_tokens: int, table: pa
         },
         "models": models or {},
         "tokenizer": tokenizer or {"path": config.tokenizer},
-        "budget": {"tokens": budget_tokens, "selected_tokens": int(sum(tokens)), "selected_documents": len(tokens)},
+        "budget": {"tokens": budget_tokens, "selected_tokens": selected_tokens,
+                   "selected_documents": table.num_rows},
         "counts": {"by_method": dict(by_method), "by_cluster": by_cluster},
         "stages": stages or {},
     }
