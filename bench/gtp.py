@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from selector.gtp import fit_weights, pursue, topk_cosine, two_level_pursuit
+from selector.gtp.pursuit import fit_weights, pursue, topk_cosine, two_level_pursuit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -31,21 +31,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from selector.influence import InfluenceConfig, compute_query, score_batch, score_documents  # noqa: E402
-from selector.kfac import KFACConfig, fit_kfac  # noqa: E402
-from selector.lm_chunks import Chunk, activation_grads_only, batches, pad_id_of, tokenize_chunks  # noqa: E402
-from selector.projection import KroneckerProjector  # noqa: E402
-from selector.tracked_layers import TrackedLayersConfig, capture, discover_blocks  # noqa: E402
+from selector.gradients.influence import InfluenceConfig, compute_query, score_batch, score_documents  # noqa: E402
+from selector.gradients.kfac import KFACConfig, fit_kfac  # noqa: E402
+from selector.models.lm_chunks import Chunk, activation_grads_only, batches, pad_id_of, tokenize_chunks  # noqa: E402
+from selector.gradients.projection import KroneckerProjector  # noqa: E402
+from selector.gradients.tracked_layers import TrackedLayersConfig, capture, discover_blocks  # noqa: E402
 
 
 def corpus() -> list[str]:
-    from selector.textsources import docstrings, pydoc_topics
+    from selector.demo.textsources import docstrings, pydoc_topics
 
     return [d.text for d in pydoc_topics()] + [d.text for d, _ in zip(docstrings(), range(400))]
 
 
 def build(tmp: Path, texts: list[str]):
-    from selector.proxy_models import build_causal_lm, train_bpe_tokenizer
+    from selector.demo.proxy_models import build_causal_lm, train_bpe_tokenizer
 
     train_bpe_tokenizer(texts[:300], tmp / "tok", vocab_size=512)
     out = {}
@@ -85,7 +85,7 @@ def cost(name, path, texts, n_batches, repeats):
                 score_batch(model, b, blocks, M, normalise)
 
     def projecting():
-        from selector.lm_chunks import chunk_losses
+        from selector.models.lm_chunks import chunk_losses
 
         with activation_grads_only(model), capture(blocks):
             for b in bl:

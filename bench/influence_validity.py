@@ -25,15 +25,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from _influence_helpers import build_micro, load  # noqa: E402
-from selector.influence import InfluenceConfig, compute_query, reference_gradient, score_documents  # noqa: E402
-from selector.kfac import KFACConfig, fit_kfac  # noqa: E402
-from selector.lm_chunks import batches, chunk_losses, pad_id_of, tokenize_chunks  # noqa: E402
-from selector.projection import KroneckerProjector, project_document_gradients  # noqa: E402
-from selector.tracked_layers import discover_blocks  # noqa: E402
+from selector.gradients.influence import InfluenceConfig, compute_query, reference_gradient, score_documents  # noqa: E402
+from selector.gradients.kfac import KFACConfig, fit_kfac  # noqa: E402
+from selector.models.lm_chunks import batches, chunk_losses, pad_id_of, tokenize_chunks  # noqa: E402
+from selector.gradients.projection import KroneckerProjector, project_document_gradients  # noqa: E402
+from selector.gradients.tracked_layers import discover_blocks  # noqa: E402
 
 
 def texts_():
-    from selector.textsources import docstrings, pydoc_topics
+    from selector.demo.textsources import docstrings, pydoc_topics
 
     return [d.text[:500] for d in pydoc_topics()][:40] + [d.text[:500] for d, _ in zip(docstrings(), range(160))]
 
@@ -48,7 +48,7 @@ def sweep_6c(model, tok, texts, lines):
     lines += ["## 6(c) projected vs exact influence (tiny Llama h64 l2, 100 docs)", "",
               "Plain: the same random maps on gradients and queries. Balanced (default when factors are given): "
               "maps rotated into the K-FAC eigenbasis and rescaled by (l + 0.1 mean l)^(-1/2) on the gradient side, "
-              "^(+1/2) on the query side; still unbiased (selector/projection.py).", "",
+              "^(+1/2) on the query side; still unbiased (selector/gradients/projection.py).", "",
               "| k_a x k_g per block | total dim | maps | Spearman mean | min | max (5 seeds) |",
               "|---|---:|---|---:|---:|---:|"]
     for k in (8, 16, 32, 48, 64):
@@ -169,7 +169,7 @@ def step_6e(path, texts, lines):
 
 
 def main():
-    from selector.proxy_models import build_causal_lm, train_bpe_tokenizer
+    from selector.demo.proxy_models import build_causal_lm, train_bpe_tokenizer
 
     torch.manual_seed(0)
     texts = texts_()

@@ -8,7 +8,7 @@ right-padded batches of real text (CPython docstrings and sources, tokenized onc
 
 * ``bare``   - ``model(input_ids=..., attention_mask=...)`` over the pre-collated batches;
                nothing else (the floor any scorer must pay).
-* ``thresher`` - :func:`selector.token_losses.token_losses` on the pre-tokenized documents:
+* ``thresher`` - :func:`selector.rho.token_losses.token_losses` on the pre-tokenized documents:
                windowing with overlap, bucketing, collation, host->device copies, the fp32
                log-softmax on real positions and the scatter into per-document arrays.
 
@@ -33,7 +33,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build_model(workdir: Path, texts: list[str], hidden: int, layers: int, vocab: int, max_positions: int):
-    from selector.proxy_models import build_causal_lm, train_bpe_tokenizer
+    from selector.demo.proxy_models import build_causal_lm, train_bpe_tokenizer
 
     train_bpe_tokenizer(texts, workdir / "tok", vocab_size=vocab)
     build_causal_lm(workdir / "tok", workdir / "model", arch="llama", hidden_size=hidden, num_layers=layers,
@@ -59,9 +59,9 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from selector.models import load_causal_lm, load_tokenizer
-    from selector.textsources import docstrings, source_files
-    from selector.token_losses import (bucket_batches, collate, default_device, default_dtype, make_windows,
+    from selector.models.loading import load_causal_lm, load_tokenizer
+    from selector.demo.textsources import docstrings, source_files
+    from selector.rho.token_losses import (bucket_batches, collate, default_device, default_dtype, make_windows,
                                        token_losses, tokenize)
 
     # The tokenizer learns from a larger sample than is scored, so the vocabulary is full-size.

@@ -5,7 +5,7 @@
 The issue that moved the map stages to Ray Data keeps a stage on plain actors only where a
 measurement shows Ray Data costs more: this is that measurement, for the embed stage. Both
 executors run the same stage class (``workers.embedder.EmbedShards``: one tiny 2-layer encoder per
-actor, ``selector.embedding.embed_shard`` per shard) with the same resources (``--workers`` actors of
+actor, ``selector.clusters.embedding.embed_shard`` per shard) with the same resources (``--workers`` actors of
 0.5 CPU), on the first ``s`` shards of bench/scale.py's synthetic corpus (5,000 documents each), from a
 fresh work dir each time (nothing skipped):
 
@@ -59,9 +59,9 @@ def embed_with_actors(kwargs: dict, shards: list, hashes: dict, n_workers: int, 
 
 
 def run_once(executor: str, n_shards: int, inputs: dict, n_workers: int, num_cpus: float, scratch: Path) -> dict:
-    from selector.corpus import Corpus, CorpusConfig
-    from selector.embedding import EmbedConfig, encoder_identity, shard_config_hash
-    from selector.workdir import WorkDir
+    from selector.data.corpus import Corpus, CorpusConfig
+    from selector.clusters.embedding import EmbedConfig, encoder_identity, shard_config_hash
+    from selector.data.workdir import WorkDir
     from workers.embedder import EmbedShards
     from workers.shard_stage import run_shard_stage
 

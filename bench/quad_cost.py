@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray_jobs.select import run
     from selector.config import parse_config
-    from selector.demo_corpus import build_demo_corpus, build_demo_proxy
-    from selector.embedding import packaged_minilm_path
-    from selector.manifest import read_manifest
+    from selector.demo.corpus import build_demo_corpus, build_demo_proxy
+    from selector.clusters.embedding import packaged_minilm_path
+    from selector.data.manifest import read_manifest
 
     work = Path(tempfile.mkdtemp(prefix="thresher-quad-cost-"))
     built = build_demo_corpus(work / "data", max_docs_per_source=args.docs_per_source)

@@ -39,7 +39,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def documents(n: int) -> list[dict]:
-    from selector.textsources import docstrings, pydoc_topics
+    from selector.demo.textsources import docstrings, pydoc_topics
 
     out = []
     for source in (pydoc_topics(), docstrings()):
@@ -53,7 +53,7 @@ def documents(n: int) -> list[dict]:
 
 
 def build_models(work: Path, texts: list[str]) -> tuple[str, str]:
-    from selector.proxy_models import build_causal_lm, train_bpe_tokenizer
+    from selector.demo.proxy_models import build_causal_lm, train_bpe_tokenizer
 
     tok = work / "tokenizer"
     train_bpe_tokenizer(texts[:400], tok, vocab_size=1024)
@@ -90,9 +90,9 @@ def main() -> None:
 
     from ray_jobs.refresh import refresh
     from ray_jobs.select import run
-    from selector.demo_corpus import write_shard
-    from selector.manifest import read_manifest
-    from selector.refresh import RefreshConfig
+    from selector.demo.corpus import write_shard
+    from selector.data.manifest import read_manifest
+    from selector.data.refresh import RefreshConfig
 
     n_new = max(1, args.shards // 10)
     total = args.shards + n_new

@@ -84,7 +84,7 @@ def build_inputs(cache: Path, sizes: list[int], docs_per_shard: int, seed: int, 
         ref.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"text": cols["text"]}), ref)
     if not (proxy_dir / "config.json").exists():
-        from selector.proxy_models import build_causal_lm, build_encoder, train_bpe_tokenizer
+        from selector.demo.proxy_models import build_causal_lm, build_encoder, train_bpe_tokenizer
 
         texts = pq.read_table(shards[0], columns=["text"])["text"].to_pylist()[:3000]
         train_bpe_tokenizer(texts, tok_dir, vocab_size=1024)
@@ -177,7 +177,7 @@ def stage_seconds(marks: list[tuple[float, str]], total: float, lines) -> dict[s
 def run_one(config_path: Path, metrics_path: Path) -> None:
     from ray_jobs.select import run
     from selector.config import load_config
-    from selector.manifest import read_manifest
+    from selector.data.manifest import read_manifest
 
     config = load_config(config_path)
     marks, log, started = timed_log()

@@ -46,8 +46,8 @@ def run_one(kind: str, config_path: Path, metrics_path: Path) -> None:
     from ray_jobs.refresh import refresh
     from ray_jobs.select import run
     from selector.config import load_config
-    from selector.manifest import read_manifest
-    from selector.refresh import RefreshConfig
+    from selector.data.manifest import read_manifest
+    from selector.data.refresh import RefreshConfig
 
     config = load_config(config_path)
     marks, log, started = timed_log()

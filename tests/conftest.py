@@ -57,7 +57,7 @@ def _stop_process_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
 @pytest.fixture(scope="session")
 def real_texts() -> list[str]:
     """A few hundred real English/code documents from the CPython install."""
-    from selector.textsources import docstrings, pydoc_topics
+    from selector.demo.textsources import docstrings, pydoc_topics
 
     texts = [d.text for d in pydoc_topics()]
     texts += [d.text for d, _ in zip(docstrings(), range(200))]
@@ -72,7 +72,7 @@ def models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(models_dir, real_texts) -> Path:
     """A byte-level BPE (vocab 512) trained offline on real text, saved as an HF tokenizer."""
-    from selector.proxy_models import train_bpe_tokenizer
+    from selector.demo.proxy_models import train_bpe_tokenizer
 
     out = models_dir / "tokenizer"
     train_bpe_tokenizer(real_texts, out, vocab_size=512)
@@ -80,7 +80,7 @@ def tiny_tokenizer_dir(models_dir, real_texts) -> Path:
 
 
 def _tiny_causal_lm(models_dir: Path, tokenizer_dir: Path, name: str, arch: str, seed: int) -> Path:
-    from selector.proxy_models import build_causal_lm
+    from selector.demo.proxy_models import build_causal_lm
 
     out = models_dir / name
     build_causal_lm(tokenizer_dir, out, arch=arch, seed=seed)
@@ -108,7 +108,7 @@ def tiny_gpt2_dir(models_dir, tiny_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert_dir(models_dir, tiny_tokenizer_dir) -> Path:
     """A 2-layer, hidden-32 BERT encoder with its tokenizer."""
-    from selector.proxy_models import build_encoder
+    from selector.demo.proxy_models import build_encoder
 
     out = models_dir / "bert"
     build_encoder(tiny_tokenizer_dir, out, seed=0)

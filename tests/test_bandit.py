@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from selector.bandit import RewardNormaliser, UCBBandit, arm_priority, robust_scale
+from selector.quad.bandit import RewardNormaliser, UCBBandit, arm_priority, robust_scale
 
 
 def _simulate(bandit: UCBBandit, draws: dict[int, np.ndarray], steps: int, m: int, reward) -> list[list[int]]:

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from selector.quad import QuadConfig, QuadSelector, load_cluster_inputs
-from selector.workdir import WorkDir
+from selector.quad.loop import QuadConfig, QuadSelector, load_cluster_inputs
+from selector.data.workdir import WorkDir
 
 from _quad_helpers import write_cluster_stage
 
@@ -144,7 +144,7 @@ def test_bandit_state_is_o_clusters_checkpoint_and_memory_do_not_grow_with_the_c
     work dir, and its checkpoint bytes and every array/container it holds are the same size."""
     import ray
 
-    from selector.cluster_queues import DiskClusterQueues
+    from selector.clusters.queues import DiskClusterQueues
     from workers.bandit import run_quad_rounds, start_bandit
 
     cfg = QuadConfig(accept="block", arms_per_round=2, block_size=8, tau=0.0, warmup_size=0, alpha=0.5)
@@ -182,7 +182,7 @@ def test_a_run_from_the_previous_runs_score_cache_makes_the_same_choices_and_sco
         ray_local, tmp_path):
     import ray
 
-    from selector.score_cache import build_score_cache, log_segments
+    from selector.quad.score_cache import build_score_cache, log_segments
     from workers.bandit import run_quad_rounds, start_bandit
 
     docs = _docs()

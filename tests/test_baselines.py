@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from selector.baselines import exploration_only, topk_influence
-from selector.index import hash_keys
+from selector.selection.baselines import exploration_only, topk_influence
+from selector.data.index import hash_keys
 
 
 def _docs(n=300, n_clusters=7, seed=0):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selector.manifest import read_manifest
+from selector.data.manifest import read_manifest
 
 THRESHER = str(Path(sys.executable).with_name("thresher"))
 
@@ -75,7 +75,7 @@ def test_demo_then_manifest_show(tmp_path):
 
 
 def test_runs_list_and_show(tmp_path):
-    from selector.manifest import ManifestWriter, selection_table
+    from selector.data.manifest import ManifestWriter, selection_table
 
     w = ManifestWriter(str(tmp_path), "random-aaa")
     w.write(selection_table({"doc_id": ["d0"], "shard": ["s"], "row": [0], "n_tokens": [5], "method": ["random"]}))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from selector.manifest import read_manifest
+from selector.data.manifest import read_manifest
 from test_methods_job import config, corpus, quad_sections  # noqa: F401  (module fixtures reused)
 
 THRESHER = str(Path(sys.executable).with_name("thresher"))

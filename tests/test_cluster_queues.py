@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from selector.cluster_queues import (QUEUE_STAGE, SORT_STAGE, ClusterQueues, DiskClusterQueues,
+from selector.clusters.queues import (QUEUE_STAGE, SORT_STAGE, ClusterQueues, DiskClusterQueues,
                                      partition_clusters, write_cluster_queues)
-from selector.quad import QuadConfig, QuadSelector, load_cluster_inputs, load_cluster_neighbours
-from selector.workdir import WorkDir
+from selector.quad.loop import QuadConfig, QuadSelector, load_cluster_inputs, load_cluster_neighbours
+from selector.data.workdir import WorkDir
 
 from _quad_helpers import write_cluster_stage
 
@@ -139,7 +139,7 @@ def test_quad_on_the_disk_store_equals_quad_in_memory_round_by_round(tmp_path, a
 
 @pytest.mark.parametrize("budget", [0, 500, 3000, 10**9])
 def test_exploration_blocks_on_the_disk_store_take_what_exploration_only_takes_in_memory(tmp_path, budget):
-    from selector.baselines import exploration_blocks, exploration_only
+    from selector.selection.baselines import exploration_blocks, exploration_only
 
     workdir, keys, _, _, disk, _ = _stores(tmp_path)
     docs, _ = load_cluster_inputs(workdir, keys)
@@ -174,9 +174,9 @@ def test_queues_written_with_texts_hold_each_documents_text_and_read_them_by_pos
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from selector.clustering import ASSIGN_STAGE
-    from selector.corpus import Corpus, CorpusConfig
-    from selector.workdir import shard_key
+    from selector.clusters.kmeans import ASSIGN_STAGE
+    from selector.data.corpus import Corpus, CorpusConfig
+    from selector.data.workdir import shard_key
 
     ids, clusters, tokens = _corpus(SIZES, seed=4)
     text_of = {d: f"text of {d} " + "word " * (len(d) % 7) for d in ids}

@@ -1,4 +1,4 @@
-"""selector.clustering: faiss spherical k-means, elbow, streaming assignment, tables, bad input."""
+"""selector.clusters.kmeans: faiss spherical k-means, elbow, streaming assignment, tables, bad input."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from selector.clustering import (ASSIGN_STAGE, SUMMARY_STAGE, ClusterConfig, ClusterModel, assign_hash_for,
+from selector.clusters.kmeans import (ASSIGN_STAGE, SUMMARY_STAGE, ClusterConfig, ClusterModel, assign_hash_for,
                                  assign_shard, centroid_neighbours, choose_k, cluster_stage, elbow_k, fit_kmeans,
                                  fit_stage, load_centroids, sample_embeddings)
-from selector.embedding import STAGE as EMBED_STAGE
+from selector.clusters.embedding import STAGE as EMBED_STAGE
 from selector.errors import StageError
-from selector.workdir import WorkDir
+from selector.data.workdir import WorkDir
 
 
 def mixture(n: int, k: int, dim: int = 32, noise: float = 0.08, seed: int = 0):
@@ -215,6 +215,6 @@ def test_k_larger_than_sample_and_other_bad_config(tmp_path):
         ClusterConfig(k_grid=[])
     with pytest.raises(ValueError):
         ClusterConfig(neighbour_radius=0)
-    if not __import__("selector.clustering", fromlist=["x"]).faiss_gpu_available():
+    if not __import__("selector.clusters.kmeans", fromlist=["x"]).faiss_gpu_available():
         with pytest.raises(StageError, match="no GPU"):
             fit_kmeans(x, 2, ClusterConfig(k=2, use_gpu=True))

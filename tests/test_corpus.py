@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from selector.corpus import Corpus, CorpusConfig, RejectSink, TokenCounter, content_hash
-from selector.demo_corpus import write_shard
+from selector.data.corpus import Corpus, CorpusConfig, RejectSink, TokenCounter, content_hash
+from selector.demo.corpus import write_shard
 from selector.errors import CorpusError
 
 DOCS = [{"id": f"d{i}", "text": f"Document number {i} says hello to the reader."} for i in range(7)]

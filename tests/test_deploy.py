@@ -140,7 +140,7 @@ def rayjobs():
 
 
 def test_every_rayjob_runs_on_a_cluster_with_a_valid_config():
-    from selector.refresh import load_refresh_config
+    from selector.data.refresh import load_refresh_config
 
     for name, job in rayjobs().items():
         spec = job["spec"]
@@ -227,7 +227,7 @@ def _daily(schedule):
 
 
 def test_raycronjob_is_the_nightly_refresh():
-    from selector.refresh import load_refresh_config
+    from selector.data.refresh import load_refresh_config
 
     [(name, cron)] = of_kind("RayCronJob")
     assert name == "nightly/refresh-raycronjob.yaml"
@@ -256,8 +256,8 @@ def test_raycronjob_is_the_nightly_refresh():
 
 
 def test_the_refresh_lease_refuses_a_second_refresh(tmp_path):
-    from selector.lease import Lease, LeaseHeldError
-    from selector.refresh import load_refresh_config
+    from selector.data.lease import Lease, LeaseHeldError
+    from selector.data.refresh import load_refresh_config
 
     settings, _ = load_refresh_config(DEPLOY / "configs" / "refresh.yaml")
     first = Lease(str(tmp_path), settings.name, holder_id="thresher-refresh-aaaaa", ttl_s=settings.lease_ttl_s)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from selector.textsources import docstrings
+from selector.demo.textsources import docstrings
 
 N_DOCS = 2_000
 ID_CHARS = 128_000
@@ -29,10 +29,10 @@ SCRIPT = textwrap.dedent("""
     import ray
     from ray_jobs.select import run
     from selector.config import parse_config
-    from selector.corpus import Corpus
-    from selector.manifest import read_manifest
-    from selector.workdir import WorkDir
-    from selector.index import read_index
+    from selector.data.corpus import Corpus
+    from selector.data.manifest import read_manifest
+    from selector.data.workdir import WorkDir
+    from selector.data.index import read_index
 
     def vm_data():
         return int(re.search(r"VmData:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024

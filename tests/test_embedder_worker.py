@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selector.clustering import ASSIGN_STAGE, SUMMARY_STAGE, ClusterConfig, cluster_stage, load_centroids
-from selector.corpus import Corpus, CorpusConfig
-from selector.embedding import STAGE, EmbedConfig, Encoder
-from selector.workdir import WorkDir, shard_key
+from selector.clusters.kmeans import ASSIGN_STAGE, SUMMARY_STAGE, ClusterConfig, cluster_stage, load_centroids
+from selector.data.corpus import Corpus, CorpusConfig
+from selector.clusters.embedding import STAGE, EmbedConfig, Encoder
+from selector.data.workdir import WorkDir, shard_key
 from workers.clusterer import cluster_corpus
 from workers.embedder import embed_corpus
 

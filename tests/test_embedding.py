@@ -1,4 +1,4 @@
-"""selector.embedding: a real tiny BERT (and the packaged MiniLM) encoding real text."""
+"""selector.clusters.embedding: a real tiny BERT (and the packaged MiniLM) encoding real text."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from selector.corpus import Corpus, CorpusConfig
-from selector.embedding import (STAGE, EmbedConfig, Encoder, embed_shard, encoder_identity, packaged_minilm_path,
+from selector.data.corpus import Corpus, CorpusConfig
+from selector.clusters.embedding import (STAGE, EmbedConfig, Encoder, embed_shard, encoder_identity, packaged_minilm_path,
                                 read_shard_embeddings, shard_config_hash)
 from selector.errors import ModelLoadError, StageError
-from selector.workdir import WorkDir, shard_key
+from selector.data.workdir import WorkDir, shard_key
 
 
 @pytest.fixture(scope="module")

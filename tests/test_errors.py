@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from selector.demo_corpus import write_shard
-from selector.textsources import docstrings
+from selector.demo.corpus import write_shard
+from selector.demo.textsources import docstrings
 
 THRESHER = str(Path(sys.executable).with_name("thresher"))
 RAY_NOISE = re.compile(r"actor_id|ActorID|pid=|Traceback|ray::|RayTaskError|\b[0-9a-f]{32}\b")

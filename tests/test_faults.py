@@ -5,7 +5,7 @@
     equals an uninterrupted run's;
 (b) the S3 server stopped mid-stage for a few seconds and started again (moto's in-process server
     keeps its buckets across a stop/start): the job's storage retries (``storage.retry_seconds``,
-    selector.storage) wait and the manifest equals an uninterrupted run's; stopped for longer than
+    selector.data.storage) wait and the manifest equals an uninterrupted run's; stopped for longer than
     the retry budget, the job fails with an error naming the URI and leaves no committed manifest,
     and a rerun finishes;
 (c) the driver killed inside the manifest commit (paused there by ``THRESHER_COMMIT_PAUSE``, then
@@ -29,9 +29,9 @@ import pytest
 import yaml
 
 from selector.config import parse_config
-from selector.demo_corpus import write_shard
-from selector.manifest import SUCCESS, read_manifest
-from selector.textsources import docstrings, pydoc_topics, synthetic_low_quality
+from selector.demo.corpus import write_shard
+from selector.data.manifest import SUCCESS, read_manifest
+from selector.demo.textsources import docstrings, pydoc_topics, synthetic_low_quality
 
 QUIET = dict(progress=False, log=lambda m: None)
 
@@ -313,7 +313,7 @@ def test_s3_down_past_the_retry_budget_fails_clearly_and_commits_nothing(ray_loc
 @pytest.mark.parametrize("point", ["after_parts", "before_success"])
 def test_driver_killed_in_the_commit_then_a_rerun_commits_one_manifest(ray_local, corpus, tmp_path,
                                                                        tiny_tokenizer_dir, point):
-    from selector.manifest import COMMIT_PAUSE_ENV, MANIFEST_JSON
+    from selector.data.manifest import COMMIT_PAUSE_ENV, MANIFEST_JSON
 
     cfg = job_config(str(corpus / "corpus"), str(tmp_path / "work"), tiny_tokenizer_dir, method="random",
                      ray={"num_cpus": 2, "shard_readers": 1})

@@ -1,4 +1,4 @@
-"""GTP pursuit (selector.gtp): recovery, joint selection, NNLS, budget rule, errors, fast path."""
+"""GTP pursuit (selector.gtp.pursuit): recovery, joint selection, NNLS, budget rule, errors, fast path."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from scipy.optimize import nnls
 
 from selector.errors import StageError
-from selector.gtp import (GTPConfig, fit_weights, local_k, partition_indices, pursue, pursue_under_budget,
+from selector.gtp.pursuit import (GTPConfig, fit_weights, local_k, partition_indices, pursue, pursue_under_budget,
                           relative_residual, top_positive, topk_cosine, two_level_pursuit)
 
 

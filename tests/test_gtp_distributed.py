@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from selector.errors import StageError
-from selector.gtp import GTPPartition, partition_indices, pursue, pursue_under_budget, two_level_pursuit
+from selector.gtp.pursuit import GTPPartition, partition_indices, pursue, pursue_under_budget, two_level_pursuit
 
 
 def clustered_features(seed: int, n: int = 4000, d: int = 64, n_clusters: int = 40, dup_frac: float = 0.2):
@@ -93,8 +93,8 @@ def test_distributed_bad_input(ray_local):
 
 def test_feature_actor_writes_shards_and_pursuit_reads_them_on_workers(ray_local, tiny_llama_dir, tiny_llama_dir_2,
                                                                        real_texts, tmp_path):
-    from selector.gtp import GTPConfig
-    from selector.gtp_features import FeatureShardRef, corpus_mean_target
+    from selector.gtp.pursuit import GTPConfig
+    from selector.gtp.features import FeatureShardRef, corpus_mean_target
     from workers.gtp import TrajectoryFeatureActor, distributed_pursuit
 
     ray = ray_local

@@ -1,4 +1,4 @@
-"""GTP trajectory features on two real tiny Llama checkpoints (selector.gtp_features)."""
+"""GTP trajectory features on two real tiny Llama checkpoints (selector.gtp.features)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from selector.errors import ModelLoadError
-from selector.gtp import GTPConfig, pursue
-from selector.gtp_features import (FeatureShardRef, TrajectoryFeaturizer, compute_shard_features,
+from selector.gtp.pursuit import GTPConfig, pursue
+from selector.gtp.features import (FeatureShardRef, TrajectoryFeaturizer, compute_shard_features,
                                    corpus_mean_target, features_config_hash, read_feature_shard)
-from selector.workdir import WorkDir
+from selector.data.workdir import WorkDir
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def featurizer(tiny_llama_dir, tiny_llama_dir_2):
 
 
 def test_features_concatenate_projected_gradients_per_checkpoint(featurizer, texts):
-    from selector.projection import project_document_gradients
+    from selector.gradients.projection import project_document_gradients
 
     feats = featurizer.featurize(texts)
     d = featurizer.dim_per_checkpoint

@@ -1,7 +1,7 @@
 import numpy as np
 import pyarrow as pa
 
-from selector.index import INDEX_SCHEMA, hash_keys, hash_order_prefix, merge_hash_order
+from selector.data.index import INDEX_SCHEMA, hash_keys, hash_order_prefix, merge_hash_order
 
 
 def table(n, seed=0):
@@ -54,10 +54,10 @@ def test_empty_inputs():
 def test_indexed_documents_are_the_index_rows_with_their_texts(tmp_path, tiny_tokenizer_dir):
     """What a per-shard stage reads: the shard's finished index from the work dir and the texts of
     exactly those rows (a rejected record is in neither)."""
-    from selector.corpus import Corpus, CorpusConfig, TokenCounter
-    from selector.demo_corpus import write_shard
-    from selector.index import index_shard, indexed_documents
-    from selector.workdir import WorkDir
+    from selector.data.corpus import Corpus, CorpusConfig, TokenCounter
+    from selector.demo.corpus import write_shard
+    from selector.data.index import index_shard, indexed_documents
+    from selector.data.workdir import WorkDir
 
     docs = [{"text": f"document number {i} " * (i + 1)} for i in range(6)]
     docs[3] = {"text": ""}  # rejected at indexing (empty), quarantined
@@ -79,8 +79,10 @@ def test_selector_package_never_imports_ray():
 
     code = (
         "import importlib, pkgutil, sys, selector\n"
-        "for m in pkgutil.iter_modules(selector.__path__):\n"
-        "    importlib.import_module('selector.' + m.name)\n"
+        "names = [m.name for m in pkgutil.walk_packages(selector.__path__, 'selector.')]\n"
+        "assert len(names) > 40, names\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
         "bad = [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]\n"
         "assert not bad, bad\n"
     )

@@ -3,10 +3,10 @@ any grouping of the shards into tasks, pinned against the plain reading of the w
 
 import pytest
 
-from selector.corpus import Corpus, CorpusConfig
-from selector.demo_corpus import write_shard
-from selector.index import hash_keys, hash_order_prefix, read_index
-from selector.workdir import WorkDir
+from selector.data.corpus import Corpus, CorpusConfig
+from selector.demo.corpus import write_shard
+from selector.data.index import hash_keys, hash_order_prefix, read_index
+from selector.data.workdir import WorkDir
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,15 @@
 
 import pytest
 
-from selector.corpus import Corpus, CorpusConfig
-from selector.demo_corpus import write_shard
+from selector.data.corpus import Corpus, CorpusConfig
+from selector.demo.corpus import write_shard
 from selector.errors import CorpusError
-from selector.index import index_shard, read_index
-from selector.workdir import WorkDir
+from selector.data.index import index_shard, read_index
+from selector.data.workdir import WorkDir
 
 
 def test_the_stage_writes_what_index_shard_writes_and_resumes_per_shard(ray_local, tmp_path, tiny_tokenizer_dir):
-    from selector.corpus import TokenCounter
+    from selector.data.corpus import TokenCounter
     from workers.indexer import index_corpus
 
     docs = [{"id": f"d{i}", "text": f"document number {i} " * (1 + i % 4)} for i in range(30)]

@@ -5,10 +5,10 @@ from scipy.stats import pearsonr, spearmanr
 
 from _influence_helpers import build_micro, explicit_chunk_grads, load
 from selector.errors import StageError
-from selector.influence import InfluenceConfig, InfluenceQuery, compute_query, reference_gradient, score_documents
-from selector.kfac import KFACConfig, fit_kfac
-from selector.lm_chunks import chunk_losses, tokenize_chunks, batches, pad_id_of
-from selector.tracked_layers import TrackedLayersConfig, discover_blocks
+from selector.gradients.influence import InfluenceConfig, InfluenceQuery, compute_query, reference_gradient, score_documents
+from selector.gradients.kfac import KFACConfig, fit_kfac
+from selector.models.lm_chunks import chunk_losses, tokenize_chunks, batches, pad_id_of
+from selector.gradients.tracked_layers import TrackedLayersConfig, discover_blocks
 
 CHUNK = 32
 LR_6E = 1e-5
@@ -210,7 +210,7 @@ def test_reference_shorter_than_one_chunk_is_a_clear_error(tiny_llama_dir, texts
 
 def test_query_from_other_blocks_is_rejected(tiny_llama_dir, texts):
     model, tok, blocks, cfg, factors, query = _setup(tiny_llama_dir, texts)
-    from selector.tracked_layers import TrackedLayersConfig
+    from selector.gradients.tracked_layers import TrackedLayersConfig
 
     mlp_only = discover_blocks(model, TrackedLayersConfig(include=[r"\.mlp\."]))
     score_documents(model, tok, texts[:2], query, mlp_only, cfg)  # a subset is fine

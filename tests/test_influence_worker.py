@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from selector.influence import InfluenceConfig, compute_query, score_documents
-from selector.kfac import KFACConfig, KFACFactors, fit_kfac
-from selector.tracked_layers import discover_blocks
+from selector.gradients.influence import InfluenceConfig, compute_query, score_documents
+from selector.gradients.kfac import KFACConfig, KFACFactors, fit_kfac
+from selector.gradients.tracked_layers import discover_blocks
 from _influence_helpers import load
 
 CHUNK = 32

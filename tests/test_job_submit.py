@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selector.demo_corpus import write_shard
-from selector.manifest import read_manifest
-from selector.textsources import pydoc_topics
+from selector.demo.corpus import write_shard
+from selector.data.manifest import read_manifest
+from selector.demo.textsources import pydoc_topics
 
 from conftest import _free_port, _stop_process_group
 

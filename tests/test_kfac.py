@@ -4,8 +4,8 @@ import torch
 
 from _influence_helpers import build_micro, load
 from selector.errors import StageError
-from selector.kfac import (KFACConfig, KFACFactors, accumulate_ekfac, accumulate_factors, fit_kfac)
-from selector.tracked_layers import discover_blocks
+from selector.gradients.kfac import (KFACConfig, KFACFactors, accumulate_ekfac, accumulate_factors, fit_kfac)
+from selector.gradients.tracked_layers import discover_blocks
 
 CHUNK = 48
 
@@ -140,8 +140,8 @@ def test_ekfac_eigenvalues_are_second_moments_in_the_kfac_basis(tiny_tokenizer_d
     kw = dict(chunk_tokens=CHUNK, fisher="empirical")
     f = KFACFactors.from_sums(accumulate_factors(model, tok, fit_texts[:4], blocks, **kw))
     e = accumulate_ekfac(model, tok, fit_texts[:4], blocks, f, **kw)
-    from selector.lm_chunks import activation_grads_only, batches, chunk_losses, pad_id_of, tokenize_chunks
-    from selector.tracked_layers import capture
+    from selector.models.lm_chunks import activation_grads_only, batches, chunk_losses, pad_id_of, tokenize_chunks
+    from selector.gradients.tracked_layers import capture
 
     want = {b.name: 0.0 for b in blocks}
     with activation_grads_only(model), capture(blocks):

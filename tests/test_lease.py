@@ -8,7 +8,7 @@ import time
 import pytest
 
 from selector.errors import ThresherError
-from selector.lease import Lease, LeaseHeldError, LeaseLostError, list_leases
+from selector.data.lease import Lease, LeaseHeldError, LeaseLostError, list_leases
 
 CONFIRM = 0.3  # object-store read-back delay: short for tests, well above moto's write latency
 

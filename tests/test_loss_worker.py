@@ -9,9 +9,9 @@ import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selector.corpus import Corpus, CorpusConfig, DocumentBatch
+from selector.data.corpus import Corpus, CorpusConfig, DocumentBatch
 from selector.errors import ModelLoadError
-from selector.rho import RhoConfig, RhoScorer, attach_token_masks, excess_losses, mean_scores, topk_masks_exact, unpack_mask
+from selector.rho.excess_loss import RhoConfig, RhoScorer, attach_token_masks, excess_losses, mean_scores, topk_masks_exact, unpack_mask
 from workers.loss_scorer import compute_token_masks, score_documents, start_workers, work_items
 
 
@@ -91,7 +91,7 @@ def test_masks_across_workers(setup, mode):
 
 
 def test_mismatched_tokenizers_refused(ray_local, tiny_llama_dir, real_texts, tmp_path):
-    from selector.proxy_models import build_causal_lm, train_bpe_tokenizer
+    from selector.demo.proxy_models import build_causal_lm, train_bpe_tokenizer
 
     train_bpe_tokenizer(real_texts[:100], tmp_path / "tok300", vocab_size=300)
     build_causal_lm(tmp_path / "tok300", tmp_path / "other", arch="llama", seed=3)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from selector.errors import ManifestError
-from selector.manifest import (MANIFEST_SCHEMA, ManifestWriter, list_manifests, pack_mask, read_manifest,
+from selector.data.manifest import (MANIFEST_SCHEMA, ManifestWriter, list_manifests, pack_mask, read_manifest,
                                selection_table, unpack_mask)
 
 

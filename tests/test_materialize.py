@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from selector.errors import ManifestError
-from selector.manifest import ManifestWriter, selection_table
-from selector.materialize import materialize
-from selector.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
-from selector.rho import RhoConfig, RhoScorer, excess_losses, pack_mask, topk_masks_exact
-from selector.token_losses import token_losses, tokenize
+from selector.data.manifest import ManifestWriter, selection_table
+from selector.data.materialize import materialize
+from selector.models.loading import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from selector.rho.excess_loss import RhoConfig, RhoScorer, excess_losses, pack_mask, topk_masks_exact
+from selector.rho.token_losses import token_losses, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def committed(tmp_path_factory, tiny_llama_dir, tiny_llama_dir_2, real_texts):
     texts = [t[:400] for t in real_texts[50:62]]
     pq.write_table(pa.table({"text": texts[:7]}), corpus_dir / "a.parquet")
     pq.write_table(pa.table({"text": texts[7:]}), corpus_dir / "b.parquet")
-    from selector.corpus import Corpus, CorpusConfig
+    from selector.data.corpus import Corpus, CorpusConfig
 
     corpus_cfg = CorpusConfig(uri=str(corpus_dir))
     shards = Corpus(corpus_cfg).list_shards()
@@ -102,7 +102,7 @@ def test_materialize_refuses_bad_inputs(committed, tmp_path, real_texts):
         materialize(uri, str(out))
     with pytest.raises(ManifestError, match="not committed|no manifest"):
         materialize(str(root / "work" / "manifests" / "nope"), str(tmp_path / "o2"))
-    from selector.proxy_models import train_bpe_tokenizer
+    from selector.demo.proxy_models import train_bpe_tokenizer
 
     train_bpe_tokenizer(real_texts[:60], tmp_path / "tok2", vocab_size=300)
     with pytest.raises(ManifestError, match="differs"):

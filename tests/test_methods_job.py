@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from selector.config import parse_config
-from selector.demo_corpus import write_shard
-from selector.manifest import read_manifest, unpack_mask
-from selector.textsources import docstrings, pydoc_topics, synthetic_low_quality
+from selector.demo.corpus import write_shard
+from selector.data.manifest import read_manifest, unpack_mask
+from selector.demo.textsources import docstrings, pydoc_topics, synthetic_low_quality
 
 QUIET = dict(progress=False, log=lambda m: None)
 
@@ -79,7 +79,7 @@ def test_quad_selects_by_cluster_with_rounds_and_scores(ray_local, corpus, tmp_p
     assert manifest.summary["models"]["proxy_model"] == str(quad_sections["proxy_model"])
     assert manifest.summary["stages"]["cluster"]["k"] == 6
     # the report renders from the committed manifest
-    from selector.report import write_report
+    from selector.data.report import write_report
 
     html = Path(write_report(manifest.uri, str(tmp_path / "report.html"))).read_text()
     assert html.count("data:image/png;base64,") == 5
@@ -114,8 +114,8 @@ def test_quad_never_builds_the_corpus_index_in_the_driver(ray_local, corpus, tmp
     document (``Job.documents``), through the factor sample, warm-up, tau validation, sampled and
     expanded rounds, and the manifest rows; those rows still carry each document's index location."""
     import ray_jobs.select as select
-    from selector.index import INDEX_STAGE
-    from selector.workdir import WorkDir, shard_key
+    from selector.data.index import INDEX_STAGE
+    from selector.data.workdir import WorkDir, shard_key
 
     # no method can ask for the index of every document, nor for a driver-side doc_id -> reader map
     assert not hasattr(select.Job, "documents") and not hasattr(select.Job, "owners")
@@ -151,7 +151,7 @@ def test_baselines_on_the_same_engine(ray_local, corpus, tmp_path, tiny_tokenize
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from selector.baselines import topk_influence
+    from selector.selection.baselines import topk_influence
 
     runs = sorted((tmp_path / "t" / "runs").glob("*/influence_runs/*.parquet"))
     assert len(runs) == 3  # one per shard
@@ -181,7 +181,7 @@ def test_perplexity_and_rho_with_token_masks(ray_local, corpus, tmp_path, tiny_t
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from selector.rho import select_by_score
+    from selector.rho.excess_loss import select_by_score
 
     runs = sorted((tmp_path / "p" / "runs").glob("*/losses/*.parquet"))
     assert len(runs) == 3  # one per shard

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selector.demo_corpus import write_shard
-from selector.model_training import MARKER, ModelTrainingConfig, train_models
-from selector.textsources import docstrings, pydoc_topics
+from selector.demo.corpus import write_shard
+from selector.models.training import MARKER, ModelTrainingConfig, train_models
+from selector.demo.textsources import docstrings, pydoc_topics
 
 THRESHER = str(Path(sys.executable).with_name("thresher"))
 SMALL = ["--steps", "12", "--reference-steps", "6", "--checkpoints", "2", "--batch-size", "4", "--seq-len", "32",
@@ -38,8 +38,8 @@ def test_models_train_prints_lines_a_job_runs_with_and_a_rerun_reuses_them(ray_l
                                                                           tiny_tokenizer_dir):
     from ray_jobs.select import run
     from selector.config import load_config
-    from selector.manifest import read_manifest
-    from selector.models import load_causal_lm
+    from selector.data.manifest import read_manifest
+    from selector.models.loading import load_causal_lm
 
     out = tmp_path / "models"
     args = ["models", "train", "--corpus", str(data / "corpus"), "--reference", str(data / "reference"),
@@ -72,7 +72,7 @@ def test_models_train_prints_lines_a_job_runs_with_and_a_rerun_reuses_them(ray_l
 
 
 def test_models_train_from_an_hf_model_folder_uses_its_config(data, tmp_path, tiny_gpt2_dir):
-    from selector.models import load_causal_lm
+    from selector.models.loading import load_causal_lm
 
     result = thresher("models", "train", "--corpus", str(data / "corpus"), "--tokenizer", str(tiny_gpt2_dir),
                       "--out", str(tmp_path / "m"), "--no-progress", "--checkpoints", "1", *SMALL[:2], *SMALL[6:])

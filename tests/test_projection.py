@@ -5,10 +5,10 @@ from scipy.stats import spearmanr
 
 from _influence_helpers import load
 from selector.errors import StageError
-from selector.influence import InfluenceConfig, compute_query, score_documents
-from selector.kfac import fit_kfac
-from selector.projection import KroneckerProjector, ProjectionConfig, project_document_gradients, reference_features
-from selector.tracked_layers import TrackedLayersConfig, discover_blocks
+from selector.gradients.influence import InfluenceConfig, compute_query, score_documents
+from selector.gradients.kfac import fit_kfac
+from selector.gradients.projection import KroneckerProjector, ProjectionConfig, project_document_gradients, reference_features
+from selector.gradients.tracked_layers import TrackedLayersConfig, discover_blocks
 
 CHUNK = 32
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from selector.errors import StageError
-from selector.models import load_causal_lm, load_tokenizer
-from selector.proxy_training import ProxyTrainConfig, train_causal_lm, train_from_config
-from selector.token_losses import token_losses
+from selector.models.loading import load_causal_lm, load_tokenizer
+from selector.models.proxy_training import ProxyTrainConfig, train_causal_lm, train_from_config
+from selector.rho.token_losses import token_losses
 
 
 def test_training_lowers_loss_and_checkpoint_reloads(tiny_llama_dir, real_texts, tmp_path):

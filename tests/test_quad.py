@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from selector.index import hash_keys, hash_order_prefix
-from selector.quad import QuadConfig, QuadSelector, StateMismatch, auto_tau, load_cluster_inputs, sample_size
-from selector.workdir import WorkDir
+from selector.data.index import hash_keys, hash_order_prefix
+from selector.quad.loop import QuadConfig, QuadSelector, StateMismatch, auto_tau, load_cluster_inputs, sample_size
+from selector.data.workdir import WorkDir
 
 from _quad_helpers import write_cluster_stage
 
@@ -331,7 +331,7 @@ def test_token_tau_passes_the_aimed_share_of_tokens(dist, aim):
     x = {"normal": rng.normal(size=n), "heavy_tailed": rng.standard_t(1.5, size=n),
          "bimodal": np.concatenate([rng.normal(-2, 0.3, n // 2), rng.normal(1, 1, n - n // 2)])}[dist] * 1e-3
     tokens = rng.integers(20, 2000, n)
-    from selector.quad import token_tau
+    from selector.quad.loop import token_tau
 
     tau = token_tau(x, tokens, aim)
     share = tokens[x > tau].sum() / tokens.sum()
@@ -343,7 +343,7 @@ def test_token_tau_passes_the_aimed_share_of_tokens(dist, aim):
 def test_block_threshold_passes_the_aimed_share_of_block_samples(dist):
     """tau_block is calibrated on sample means: on fresh blocks of the same clusters, the share whose
     sample mean clears it is the aimed pass rate (+-20%), unlike the single-document quantile."""
-    from selector.quad import bootstrap_sample_means, calibrate
+    from selector.quad.loop import bootstrap_sample_means, calibrate
 
     rng = np.random.default_rng(5)
     n_clusters, per = 40, 400
@@ -450,7 +450,7 @@ def test_validate_tau_waits_for_set_tau_then_keeps_the_warmup_above_it():
 
 
 def test_block_sample_is_uniform_and_follows_the_documents_not_their_positions():
-    from selector.quad import sample_picks
+    from selector.quad.loop import sample_picks
 
     rng = np.random.default_rng(0)
     keys = np.sort(rng.random(64))

@@ -1,13 +1,13 @@
-"""selector.ranked_selection: the merge of sorted per-shard runs equals the one-table greedy fill."""
+"""selector.selection.ranked: the merge of sorted per-shard runs equals the one-table greedy fill."""
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from selector.errors import StageError
-from selector.ranked_selection import KEY, select_from_runs, sort_run
-from selector.rho import select_by_score
-from selector.workdir import WorkDir
+from selector.selection.ranked import KEY, select_from_runs, sort_run
+from selector.rho.excess_loss import select_by_score
+from selector.data.workdir import WorkDir
 
 
 def _corpus(rng, n_shards, per_shard):
@@ -80,8 +80,8 @@ def test_sort_run_names_a_missing_column():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_prefix_rule_with_hash_ties_selects_what_topk_influence_selects(tmp_path, seed):
-    from selector.baselines import topk_influence
-    from selector.index import hash_keys
+    from selector.selection.baselines import topk_influence
+    from selector.data.index import hash_keys
 
     rng = np.random.default_rng(seed)
     tables = []

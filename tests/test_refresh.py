@@ -12,16 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from selector.bandit import UCBBandit
+from selector.quad.bandit import UCBBandit
 from selector.config import parse_config
-from selector.demo_corpus import write_shard
+from selector.demo.corpus import write_shard
 from selector.errors import ConfigError
-from selector.lease import Lease, LeaseHeldError
-from selector.manifest import read_manifest
-from selector.quad import QuadConfig, QuadSelector
-from selector.refresh import (RefreshConfig, classify_shards, default_lease_name, document_counts, drift_ratio,
+from selector.data.lease import Lease, LeaseHeldError
+from selector.data.manifest import read_manifest
+from selector.quad.loop import QuadConfig, QuadSelector
+from selector.data.refresh import (RefreshConfig, classify_shards, default_lease_name, document_counts, drift_ratio,
                               load_refresh_config, selection_delta, split_refresh_config)
-from selector.textsources import docstrings, synthetic_low_quality
+from selector.demo.textsources import docstrings, synthetic_low_quality
 
 QUIET = dict(progress=False, log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}")
              if os.environ.get("THRESHER_TEST_LOG") else None)
@@ -102,7 +102,7 @@ def delta_of(fs, uri):
 def test_refresh_embeds_only_new_shards_and_writes_the_delta(ray_local, s3, shard_files, tiny_tokenizer_dir,
                                                                tiny_llama_dir, tiny_bert_dir):
     from ray_jobs.refresh import refresh
-    from selector.refresh import lineage_id
+    from selector.data.refresh import lineage_id
 
     fs, base, so = s3
     upload(fs, base, shard_files, [0, 1, 2])

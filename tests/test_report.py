@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from selector.errors import ManifestError
-from selector.manifest import ManifestWriter, selection_table
-from selector.quad import QuadConfig, QuadSelector
-from selector.report import SECTIONS, report_command, write_report
+from selector.data.manifest import ManifestWriter, selection_table
+from selector.quad.loop import QuadConfig, QuadSelector
+from selector.data.report import SECTIONS, report_command, write_report
 
 
 class _Page(HTMLParser):

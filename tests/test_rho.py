@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from selector.errors import ManifestError, StageError
-from selector.rho import (ExcessHistogram, RhoConfig, excess_losses, masked_lm_loss, mean_scores, pack_mask,
+from selector.rho.excess_loss import (ExcessHistogram, RhoConfig, excess_losses, masked_lm_loss, mean_scores, pack_mask,
                           select_by_score, topk_masks_exact, topk_masks_per_batch, unpack_mask)
 
 
@@ -157,8 +157,8 @@ def test_config_validation():
 
 
 def test_masked_loss_equals_mean_over_kept_tokens_real_model(tiny_llama_dir, real_texts):
-    from selector.models import load_causal_lm, load_tokenizer
-    from selector.token_losses import token_losses, tokenize
+    from selector.models.loading import load_causal_lm, load_tokenizer
+    from selector.rho.token_losses import token_losses, tokenize
 
     model = load_causal_lm(str(tiny_llama_dir))
     tok = load_tokenizer(str(tiny_llama_dir))

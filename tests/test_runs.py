@@ -6,10 +6,10 @@ import pyarrow as pa
 import pytest
 
 from selector.errors import ManifestError
-from selector.lease import Lease
-from selector.manifest import ManifestWriter, selection_table
-from selector.runs import list_runs, show_run
-from selector.workdir import WorkDir
+from selector.data.lease import Lease
+from selector.data.manifest import ManifestWriter, selection_table
+from selector.data.runs import list_runs, show_run
+from selector.data.workdir import WorkDir
 
 
 def rows(n, method="random"):

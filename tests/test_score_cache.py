@@ -1,12 +1,12 @@
-"""selector.score_cache: the score log, the per-range cache built from it, lookups, pruning."""
+"""selector.quad.score_cache: the score log, the per-range cache built from it, lookups, pruning."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from selector.score_cache import (CACHE_STAGE, LOG_STAGE, ScoreCache, build_score_cache, log_segments, prune,
+from selector.quad.score_cache import (CACHE_STAGE, LOG_STAGE, ScoreCache, build_score_cache, log_segments, prune,
                                   write_log_segment)
-from selector.workdir import WorkDir
+from selector.data.workdir import WorkDir
 
 
 def test_cache_keeps_the_latest_score_per_document_drops_invalid_shards_and_answers_by_cluster(tmp_path):

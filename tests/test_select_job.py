@@ -6,10 +6,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from selector.config import parse_config
-from selector.demo_corpus import write_shard
+from selector.demo.corpus import write_shard
 from selector.errors import ModelLoadError
-from selector.manifest import read_manifest
-from selector.textsources import docstrings
+from selector.data.manifest import read_manifest
+from selector.demo.textsources import docstrings
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_random_job_writes_a_committed_manifest_under_budget(ray_local, small_co
     assert ids <= {d["id"] for d in docs}
     # each row points back to the right document
     by_id = {d["id"]: d["text"] for d in docs}
-    from selector.corpus import Corpus
+    from selector.data.corpus import Corpus
 
     c = Corpus(cfg.corpus)
     shards = {s.uri: s for s in c.list_shards()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from selector.corpus import ShardInfo
+from selector.data.corpus import ShardInfo
 
 
 def shards(n: int) -> list[ShardInfo]:

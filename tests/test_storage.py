@@ -1,4 +1,4 @@
-"""selector.storage: the retry plan fits its budget, and storage errors name the object (real botocore
+"""selector.data.storage: the retry plan fits its budget, and storage errors name the object (real botocore
 exception types; the end-to-end cases, on the S3-protocol server, are in test_errors.py / test_faults.py)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
-from selector.storage import _backoff, open_filesystem, read_timeout, request_uri, retry_plan, storage_error
+from selector.data.storage import _backoff, open_filesystem, read_timeout, request_uri, retry_plan, storage_error
 
 
 @pytest.mark.parametrize("seconds", [1, 3, 30, 120])

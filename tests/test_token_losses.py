@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from selector.errors import StageError
-from selector.models import load_causal_lm, load_tokenizer
-from selector.token_losses import bucket_batches, make_windows, token_losses, tokenize
+from selector.models.loading import load_causal_lm, load_tokenizer
+from selector.rho.token_losses import bucket_batches, make_windows, token_losses, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_windows_score_each_token_exactly_once(n, L, O):
 
 
 def test_bucketing_respects_token_budget_and_sorts_by_length():
-    from selector.token_losses import Window
+    from selector.rho.token_losses import Window
 
     rng = np.random.default_rng(0)
     windows = [Window(i, 0, np.zeros(int(rng.integers(2, 100))), 1) for i in range(200)]
@@ -126,7 +126,7 @@ def test_gpt2_losses_match_direct_forward(tiny_gpt2_dir, real_texts):
 
 
 def test_generic_fallback_path_gives_same_losses(llama, real_texts, monkeypatch):
-    import selector.token_losses as tl
+    import selector.rho.token_losses as tl
 
     model, tok = llama
     texts = [t[:400] for t in real_texts[60:66]]

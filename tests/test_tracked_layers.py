@@ -4,7 +4,7 @@ from torch import nn
 
 from _influence_helpers import load
 from selector.errors import StageError
-from selector.tracked_layers import TrackedLayersConfig, capture, discover_blocks, report
+from selector.gradients.tracked_layers import TrackedLayersConfig, capture, discover_blocks, report
 
 
 def test_llama_blocks_joint_qkv_and_mlp(tiny_llama_dir):

@@ -1,7 +1,7 @@
 """BanditActor: Quad's central bandit as a named Ray actor, checkpointed every round.
 
-Thin over :class:`selector.quad.QuadSelector`. The actor is started with the work dir, where the
-queue step (:func:`selector.cluster_queues.write_cluster_queues`) wrote every cluster's queue; it
+Thin over :class:`selector.quad.loop.QuadSelector`. The actor is started with the work dir, where the
+queue step (:func:`selector.clusters.queues.write_cluster_queues`) wrote every cluster's queue; it
 holds O(clusters) state -- per-arm statistics, a cursor per queue, the queue store's metadata and a
 small LRU of row groups -- plus the kept queue ranges and the round log, and reads from the queue
 files the blocks it plans. (Tests and small runs may give ``docs`` instead: an in-memory store.)
@@ -35,10 +35,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import ray
 
-from selector.cluster_queues import ClusterQueues, DiskClusterQueues, write_cluster_queues
-from selector.quad import QuadConfig, QuadSelector, StateMismatch, load_cluster_neighbours
-from selector.score_cache import ScoreCache, write_log_segment
-from selector.workdir import WorkDir
+from selector.clusters.queues import ClusterQueues, DiskClusterQueues, write_cluster_queues
+from selector.quad.loop import QuadConfig, QuadSelector, StateMismatch, load_cluster_neighbours
+from selector.quad.score_cache import ScoreCache, write_log_segment
+from selector.data.workdir import WorkDir
 from workers.runtime import job_env
 
 STATE_NAME = "bandit"
@@ -69,7 +69,7 @@ class BanditActor:
     def __init__(self, work: tuple, config: dict, budget_tokens: int, seed: int, docs: Any = None,
                  neighbours: Any = None, score_log: str | None = None, score_cache: str | None = None):
         self.workdir = WorkDir(*work)
-        # selector.score_cache: this run's sample scores are logged under ``score_log`` (a run id),
+        # selector.quad.score_cache: this run's sample scores are logged under ``score_log`` (a run id),
         # and plans carry the scores cached from run ``score_cache``, so those are not recomputed.
         self.score_log = score_log
         self.cache = ScoreCache(self.workdir, score_cache) if score_cache else None
@@ -235,7 +235,7 @@ def start_bandit(workdir: WorkDir, config: QuadConfig | dict, budget_tokens: int
     The actor reads the cluster queues from the work dir (``docs=None``); with ``cluster_keys``
     the queue step runs first, here (skipped when its output is done under the same hash). ``docs``
     (columns ``doc_id, cluster, n_tokens``, optionally ``shard, row``) gives an in-memory store instead.
-    ``score_log`` / ``score_cache``: see :class:`BanditActor` and selector.score_cache.
+    ``score_log`` / ``score_cache``: see :class:`BanditActor` and selector.quad.score_cache.
     """
     cfg = config.model_dump(mode="json") if isinstance(config, QuadConfig) else dict(config)
     if docs is None and cluster_keys is not None:
@@ -287,7 +287,7 @@ def run_quad_rounds(bandit, score_fn: ScoreFn, progress: bool = True, log: Calla
     influence scores per request (same order, one per document). It is where the select job plugs
     in shard readers and influence workers; it runs on the driver, so it may fan out Ray tasks
     itself. ``calibrate_fn(buckets)`` (``tau: validate`` only) returns ``{"tau", ...report}`` for the
-    warm-up's influence buckets (:func:`selector.tau_validation.choose_bucket`; each bucket carries its
+    warm-up's influence buckets (:func:`selector.quad.tau_validation.choose_bucket`; each bucket carries its
     documents' ``shards`` / ``rows``). The driver holds one plan at a time: O(round).
     """
     from tqdm import tqdm

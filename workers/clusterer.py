@@ -1,12 +1,12 @@
 """Cluster stage on Ray: one k-means fit task, then one assignment task per shard.
 
-Thin over ``selector.clustering``. The fit runs as a single task (on a GPU when the cluster
+Thin over ``selector.clusters.kmeans``. The fit runs as a single task (on a GPU when the cluster
 has one and faiss-gpu is installed there) that samples the embeddings, picks k and writes
 the centroids; the assignment tasks each read the centroids and one shard's embeddings
 from the work dir, so no large array passes through the driver. The driver then writes the
 cluster and neighbour tables (streaming the per-shard assignment files).
 
-:func:`queue_calls_on_ray` runs Quad's queue step (selector.cluster_queues) as Ray tasks: one per
+:func:`queue_calls_on_ray` runs Quad's queue step (selector.clusters.queues) as Ray tasks: one per
 shard to sort, one per cluster partition to merge.
 """
 
@@ -16,9 +16,9 @@ import time
 
 import ray
 
-from selector.clustering import (ClusterConfig, ClusterModel, assign_hash_for, assign_shard, fit_stage,
+from selector.clusters.kmeans import (ClusterConfig, ClusterModel, assign_hash_for, assign_shard, fit_stage,
                                  load_centroids, write_summaries)
-from selector.workdir import WorkDir
+from selector.data.workdir import WorkDir
 from workers.runtime import job_env
 
 
@@ -97,8 +97,8 @@ def _queue_task(module: str, name: str, work: tuple, *args):
 
 
 def queue_calls_on_ray(num_cpus: float = 0.5, in_flight: int = 8):
-    """``map_calls`` for :func:`selector.cluster_queues.write_cluster_queues` (and
-    :func:`selector.score_cache.build_score_cache`): each unit (one shard's sort, one partition's merge,
+    """``map_calls`` for :func:`selector.clusters.queues.write_cluster_queues` (and
+    :func:`selector.quad.score_cache.build_score_cache`): each unit (one shard's sort, one partition's merge,
     one range of the score cache) as a Ray task, at most ``in_flight`` at a time, results
     yielded in call order as they are needed (the caller adds each shard's cluster counts before the
     next arrives, so it holds O(clusters), never O(shards x clusters))."""

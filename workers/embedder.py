@@ -1,6 +1,6 @@
 """Embed stage on Ray Data: an actor pool of ``EmbedShards``, each holding one encoder.
 
-Thin over ``selector.embedding``: the stage adds residency (the model is loaded once per actor,
+Thin over ``selector.clusters.embedding``: the stage adds residency (the model is loaded once per actor,
 not per shard) and resources (one GPU per actor when the cluster has GPUs, else a fraction of a
 CPU, since whole-CPU actors starve other Ray work on small machines); the executor is
 :func:`workers.shard_stage.run_shard_stage`. The driver decides which shards are already done
@@ -15,9 +15,9 @@ from dataclasses import asdict
 
 import ray
 
-from selector.corpus import Corpus, CorpusConfig, ShardInfo
-from selector.embedding import EmbedConfig, Encoder, embed_shard, encoder_identity, shard_config_hash, STAGE
-from selector.workdir import WorkDir, shard_key
+from selector.data.corpus import Corpus, CorpusConfig, ShardInfo
+from selector.clusters.embedding import EmbedConfig, Encoder, embed_shard, encoder_identity, shard_config_hash, STAGE
+from selector.data.workdir import WorkDir, shard_key
 from workers.shard_stage import ShardStage, run_shard_stage
 
 class EmbedShards(ShardStage):

@@ -1,4 +1,4 @@
-"""Ray shell over ``selector.gtp``: the two-level (distributed) GTP pursuit.
+"""Ray shell over ``selector.gtp.pursuit``: the two-level (distributed) GTP pursuit.
 
 Features: :class:`TrajectoryFeatureActor` holds the T checkpoint models and writes one corpus
 shard's trajectory features to the work dir per call (skipping shards already done under the
@@ -12,7 +12,7 @@ only its candidates (ids, feature rows, token counts) — so the driver never ho
 feature matrix. Level 2 is one more task that receives the candidates of all partitions
 (Ray passes the object refs straight from the level-1 tasks to it) and pursues again with k,
 or under the token budget. The math, and why partitions nominate ceil(oversample * k), are in
-``selector.gtp``; ``selector.gtp.two_level_pursuit`` is the same algorithm in one process.
+``selector.gtp.pursuit``; ``selector.gtp.pursuit.two_level_pursuit`` is the same algorithm in one process.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Any, Sequence
 import numpy as np
 import ray
 
-from selector.gtp_features import STAGE as FEATURE_STAGE
+from selector.gtp.features import STAGE as FEATURE_STAGE
 from workers.shard_stage import ShardStage
 
 from selector.errors import StageError
-from selector.gtp import (GTPPartition, budget_local_k, global_pursuit, local_candidates, local_k,
+from selector.gtp.pursuit import (GTPPartition, budget_local_k, global_pursuit, local_candidates, local_k,
                           pursue, pursue_under_budget, validate_inputs)
 
 
@@ -51,7 +51,7 @@ class DistributedResult:
 def _load(part: Any) -> GTPPartition:
     if isinstance(part, GTPPartition):
         return part
-    load = getattr(part, "load", None)  # e.g. selector.gtp_features.FeatureShardRef
+    load = getattr(part, "load", None)  # e.g. selector.gtp.features.FeatureShardRef
     if callable(load):
         loaded = load()
         if isinstance(loaded, GTPPartition):
@@ -109,7 +109,7 @@ def distributed_pursuit(partitions: Sequence[Any], y: np.ndarray, k: int | None 
     """Two-level GTP across Ray: one local pursuit per partition, then one global pursuit.
 
     partitions: GTPPartition objects, ``ray.ObjectRef`` s to them (``ray.put(part)``), or refs
-    with a ``.load()`` returning one (e.g. ``selector.gtp_features.FeatureShardRef``: the task
+    with a ``.load()`` returning one (e.g. ``selector.gtp.features.FeatureShardRef``: the task
     reads the shard from the work dir itself). Partitions must hold disjoint documents and share
     the feature dimension of y. Exactly one of ``k`` and ``budget_tokens`` (the latter needs
     ``n_tokens`` in every partition). Call inside an initialised Ray session.
@@ -173,7 +173,7 @@ def single_machine_pursuit(partitions: Sequence[Any], y: np.ndarray, k: int | No
 
 @ray.remote(num_cpus=0.25)
 def _locate_task(ref: Any, wanted: set) -> dict:
-    from selector.workdir import WorkDir
+    from selector.data.workdir import WorkDir
 
     table = WorkDir(ref.root, ref.run_id, ref.storage_options).read_table(FEATURE_STAGE, ref.key,
                                                                          columns=["doc_id", "row", "n_tokens"])
@@ -190,7 +190,7 @@ def _feature_sum(ref: Any) -> tuple[np.ndarray, int]:
 
 
 def corpus_mean_on_ray(refs: Sequence[Any]) -> np.ndarray:
-    """``target: corpus_mean`` (:func:`selector.gtp_features.corpus_mean_target`) with one task per
+    """``target: corpus_mean`` (:func:`selector.gtp.features.corpus_mean_target`) with one task per
     feature shard: each sums its rows, the driver adds O(shards) vectors of the feature dimension."""
     total, count = None, 0
     for s, n in ray.get([_feature_sum.remote(r) for r in refs]):
@@ -203,7 +203,7 @@ def corpus_mean_on_ray(refs: Sequence[Any]) -> np.ndarray:
 
 def locate_selection(refs: Sequence[Any], shard_of_key: dict[str, str], ids: Sequence[str]) -> dict[str, list]:
     """``doc_id, shard, row, n_tokens`` of the selected ``ids``, in the order given: one task per feature
-    shard (``selector.gtp_features.FeatureShardRef``) reads its ``doc_id, row`` columns and keeps the
+    shard (``selector.gtp.features.FeatureShardRef``) reads its ``doc_id, row`` columns and keeps the
     selected ones, so the driver holds O(selection), never the corpus index."""
     wanted = ray.put(set(map(str, ids)))
     found: dict[str, tuple] = {}
@@ -220,14 +220,14 @@ def locate_selection(refs: Sequence[Any], shard_of_key: dict[str, str], ids: Seq
 class FeaturizeShards(ShardStage):
     """GTP's per-shard feature stage on Ray Data: the checkpoints loaded once per actor; each shard's
     indexed documents (the index in the work dir, the texts read from the shard here) featurized
-    into the work dir (:func:`selector.gtp_features.compute_shard_features`), written whole, then
+    into the work dir (:func:`selector.gtp.features.compute_shard_features`), written whole, then
     marked done."""
 
     def __init__(self, config: dict, work: tuple, corpus_config: dict, device: str = "cpu"):
-        from selector.corpus import Corpus, CorpusConfig
-        from selector.gtp import GTPConfig
-        from selector.gtp_features import TrajectoryFeaturizer
-        from selector.workdir import WorkDir
+        from selector.data.corpus import Corpus, CorpusConfig
+        from selector.gtp.pursuit import GTPConfig
+        from selector.gtp.features import TrajectoryFeaturizer
+        from selector.data.workdir import WorkDir
 
         self.workdir = WorkDir(*work)
         self.featurizer = TrajectoryFeaturizer(GTPConfig.model_validate(config), device=device,
@@ -235,9 +235,9 @@ class FeaturizeShards(ShardStage):
         self.corpus = Corpus(CorpusConfig(**corpus_config))
 
     def process(self, shard, config_hash: str) -> dict:
-        from selector.gtp_features import compute_shard_features
-        from selector.index import indexed_documents
-        from selector.workdir import shard_key
+        from selector.gtp.features import compute_shard_features
+        from selector.data.index import indexed_documents
+        from selector.data.workdir import shard_key
 
         key = shard_key(shard.relpath)
         index, texts = indexed_documents(self.corpus, shard, self.workdir)
@@ -257,9 +257,9 @@ class TrajectoryFeatureActor:
 
     def __init__(self, config: dict, workdir_root: str, run_id: str, storage_options: dict | None = None,
                  device: str = "cpu"):
-        from selector.gtp import GTPConfig
-        from selector.gtp_features import TrajectoryFeaturizer, features_config_hash
-        from selector.workdir import WorkDir
+        from selector.gtp.pursuit import GTPConfig
+        from selector.gtp.features import TrajectoryFeaturizer, features_config_hash
+        from selector.data.workdir import WorkDir
 
         cfg = GTPConfig.model_validate(config)
         self.featurizer = TrajectoryFeaturizer(cfg, device=device, storage_options=storage_options)
@@ -268,7 +268,7 @@ class TrajectoryFeatureActor:
 
     def shard(self, key: str, doc_ids: list[str], rows: list[int], texts: list[str], n_tokens: list[int]) -> dict:
         """Featurize one shard (resumable); returns {key, computed, dim}."""
-        from selector.gtp_features import compute_shard_features
+        from selector.gtp.features import compute_shard_features
 
         computed = compute_shard_features(self.workdir, key, self.featurizer, doc_ids, rows, texts, n_tokens,
                                           self.config_hash)

@@ -2,15 +2,15 @@
 in the driver.
 
 The index stage (:mod:`workers.indexer`) leaves one index table per shard in the work dir
-(``selector.index``); every later question about "all documents" is answered by tasks that load
+(``selector.data.index``); every later question about "all documents" is answered by tasks that load
 their group's tables there and send back only the answer:
 
 * :func:`duplicate_ids` -- the distributed duplicate check: each group task splits its 64-bit id
   keys by ``key % parts`` (one Ray return per part), one task per part finds the repeated keys,
   and only the rows holding those keys come back, where the ids themselves are compared
-  (:func:`selector.index.find_duplicate_ids`, so a key collision of distinct ids is no error);
+  (:func:`selector.data.index.find_duplicate_ids`, so a key collision of distinct ids is no error);
 * :func:`random_selection` -- the ``random`` method: each group's hash-order prefix under the
-  budget, merged and cut again (exact, see :func:`selector.index.hash_order_prefix`);
+  budget, merged and cut again (exact, see :func:`selector.data.index.hash_order_prefix`);
 * :func:`random_sample_located` -- ``n`` documents uniformly at random (the first ``n`` in hash order
   of the whole corpus): each group's first ``n``, merged (O(groups x n));
 * :func:`read_located` -- texts by ``(shard, row)``: one task per shard, reading those rows from the
@@ -27,10 +27,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from selector.corpus import Corpus, CorpusConfig, ShardInfo
-from selector.index import (find_duplicate_ids, hash_keys, hash_order_prefix, id_keys, merge_hash_order,
+from selector.data.corpus import Corpus, CorpusConfig, ShardInfo
+from selector.data.index import (find_duplicate_ids, hash_keys, hash_order_prefix, id_keys, merge_hash_order,
                             read_index)
-from selector.workdir import WorkDir
+from selector.data.workdir import WorkDir
 from workers.runtime import job_env
 
 GROUP_SHARDS = 64  # shards per task: enough work per task, few enough tables in one process

@@ -1,7 +1,7 @@
 """Index stage on Ray Data: every shard validated, tokenised and counted, its index table written to
 the work dir; then the distributed duplicate-id check.
 
-Thin over ``selector.index``: :class:`IndexShards` indexes one shard (``index_shard``: quarantine
+Thin over ``selector.data.index``: :class:`IndexShards` indexes one shard (``index_shard``: quarantine
 of bad records, the done marker after the table); :func:`index_corpus` runs it on the shards not
 already indexed under the same config hash as Ray Data tasks (no model to keep resident: each
 worker process loads the tokenizer once, :func:`workers.shard_stage.resident_stage`), reads the
@@ -11,10 +11,10 @@ done markers' stats of the others, and checks that document ids are unique
 
 from __future__ import annotations
 
-from selector.corpus import Corpus, CorpusConfig, ShardInfo, TokenCounter
+from selector.data.corpus import Corpus, CorpusConfig, ShardInfo, TokenCounter
 from selector.errors import CorpusError
-from selector.index import INDEX_STAGE, index_shard, shard_index_hash
-from selector.workdir import WorkDir, shard_key
+from selector.data.index import INDEX_STAGE, index_shard, shard_index_hash
+from selector.data.workdir import WorkDir, shard_key
 from workers.index_reads import duplicate_ids
 from workers.shard_stage import ShardStage, run_shard_stage
 

@@ -2,7 +2,7 @@
 
 Each :class:`InfluenceWorker` holds the proxy model (one GPU when the cluster has GPUs)
 and, once set, the K-FAC factors and the query. It is a thin shell over
-:mod:`selector.kfac` / :mod:`selector.influence`.
+:mod:`selector.gradients.kfac` / :mod:`selector.gradients.influence`.
 
 Driver-side helpers:
 
@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import ray
 
-from selector.influence import InfluenceConfig
+from selector.gradients.influence import InfluenceConfig
 from workers.runtime import job_env
 from workers.shard_stage import ShardStage
 
@@ -43,7 +43,7 @@ class InfluenceWorker:
         self.query = None
 
     def tracked_layers(self) -> list[dict]:
-        from selector.tracked_layers import report
+        from selector.gradients.tracked_layers import report
 
         return report(self.blocks)
 
@@ -54,21 +54,21 @@ class InfluenceWorker:
 
     def fit_factors(self, texts: Sequence[str]) -> dict:
         """Partial A/G sums (numpy) over ``texts``; the driver merges them."""
-        from selector.kfac import accumulate_factors
+        from selector.gradients.kfac import accumulate_factors
 
         return accumulate_factors(self.model, self.tokenizer, texts, self.blocks, **self._kw()).to_numpy()
 
     def fit_ekfac(self, texts: Sequence[str], factors_uri: str) -> dict:
         """Partial EK-FAC eigenvalue sums over ``texts`` in the eigenbasis of the saved factors."""
-        from selector.kfac import KFACFactors, accumulate_ekfac
+        from selector.gradients.kfac import KFACFactors, accumulate_ekfac
 
         factors = KFACFactors.load(factors_uri, self.storage_options)
         return accumulate_ekfac(self.model, self.tokenizer, texts, self.blocks, factors, **self._kw()).to_numpy()
 
     def load_state(self, factors_uri: str, query_uri: str | None = None) -> int:
         """Load factors (and the query, if already computed) from the work dir."""
-        from selector.influence import InfluenceQuery
-        from selector.kfac import KFACFactors
+        from selector.gradients.influence import InfluenceQuery
+        from selector.gradients.kfac import KFACFactors
 
         self.factors = KFACFactors.load(factors_uri, self.storage_options)
         if query_uri is not None:
@@ -77,7 +77,7 @@ class InfluenceWorker:
 
     def compute_query(self, reference_texts: Sequence[str], query_uri: str | None = None) -> dict:
         """Build the preconditioned query from the reference set (and save it if a URI is given)."""
-        from selector.influence import compute_query
+        from selector.gradients.influence import compute_query
 
         if self.factors is None:
             raise RuntimeError("InfluenceWorker.compute_query: call load_state(factors_uri) first")
@@ -88,7 +88,7 @@ class InfluenceWorker:
 
     def score(self, doc_ids: Sequence[str], texts: Sequence[str]) -> dict:
         """Influence of each document on the reference set (higher = lowers reference loss)."""
-        from selector.influence import score_documents
+        from selector.gradients.influence import score_documents
 
         if self.query is None:
             raise RuntimeError("InfluenceWorker.score: no query loaded (load_state(factors, query) or compute_query)")
@@ -106,8 +106,8 @@ def load_proxy(model_path: str, config: InfluenceConfig, device: str | None, sto
     with its tracked layers."""
     import torch
 
-    from selector.models import load_causal_lm, load_tokenizer
-    from selector.tracked_layers import discover_blocks
+    from selector.models.loading import load_causal_lm, load_tokenizer
+    from selector.gradients.tracked_layers import discover_blocks
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model_path, storage_options)
@@ -119,14 +119,14 @@ class ScoreShardInfluence(ShardStage):
     """``topk-influence``'s per-shard stage on Ray Data: the proxy model and the preconditioned query
     per actor; each shard's indexed documents (the index in the work dir, the texts read from the
     shard here) scored and written to the work dir as a run ranked highest first, ties by the seeded
-    hash key (:mod:`selector.ranked_selection`), then the done marker; only counts come back. The rank
+    hash key (:mod:`selector.selection.ranked`), then the done marker; only counts come back. The rank
     score is the cosine variant with ``normalise``."""
 
     def __init__(self, model_path: str, config: dict, storage_options: dict | None, query_uri: str,
                  corpus_config: dict, work: tuple, seed: int):
-        from selector.corpus import Corpus, CorpusConfig
-        from selector.influence import InfluenceQuery
-        from selector.workdir import WorkDir
+        from selector.data.corpus import Corpus, CorpusConfig
+        from selector.gradients.influence import InfluenceQuery
+        from selector.data.workdir import WorkDir
 
         self.config = InfluenceConfig(**config)
         self.tokenizer, self.model, self.blocks, self.device = load_proxy(model_path, self.config, None,
@@ -139,10 +139,10 @@ class ScoreShardInfluence(ShardStage):
     def process(self, shard, config_hash: str) -> dict:
         import pyarrow as pa
 
-        from selector.index import hash_keys, indexed_documents
-        from selector.influence import score_documents
-        from selector.ranked_selection import ROW_GROUP, sort_run
-        from selector.workdir import shard_key
+        from selector.data.index import hash_keys, indexed_documents
+        from selector.gradients.influence import score_documents
+        from selector.selection.ranked import ROW_GROUP, sort_run
+        from selector.data.workdir import shard_key
 
         key = shard_key(shard.relpath)
         index, texts = indexed_documents(self.corpus, shard, self.workdir)
@@ -182,7 +182,7 @@ def fit_factors_parallel(workers: list, texts: Sequence[str], config: InfluenceC
 
     EK-FAC needs the reduced eigenbasis on every worker, so it requires ``factors_uri``.
     """
-    from selector.kfac import EKFACSums, FactorSums, KFACFactors
+    from selector.gradients.kfac import EKFACSums, FactorSums, KFACFactors
 
     config = config or InfluenceConfig()
     shares = [s for s in _split(texts, len(workers))]

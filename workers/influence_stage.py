@@ -15,8 +15,8 @@ from typing import Callable
 
 import ray
 
-from selector.corpus import Corpus, RejectSink
-from selector.workdir import WorkDir
+from selector.data.corpus import Corpus, RejectSink
+from selector.data.workdir import WorkDir
 from workers.influence import fit_factors_parallel, make_workers, score_parallel
 from workers.index_reads import random_sample_located, read_located
 
@@ -45,11 +45,11 @@ def validates_tau(config) -> bool:
 
 def query_and_validation_texts(config, log: Callable[[str], None] = print) -> tuple[list[str], list[str]]:
     """The reference documents that build the influence query, and (``quad.tau: validate``) the
-    held-out validation part that picks tau (:func:`selector.tau_validation.split_reference`)."""
+    held-out validation part that picks tau (:func:`selector.quad.tau_validation.split_reference`)."""
     texts = reference_texts(config, log)
     if not validates_tau(config):
         return texts, []
-    from selector.tau_validation import split_reference
+    from selector.quad.tau_validation import split_reference
 
     return split_reference(texts, config.quad.validation_fraction, config.seed)
 

@@ -1,13 +1,13 @@
 """Rho-1 on Ray: reference/training per-token losses, document scores, token masks.
 
 Each :class:`LossWorker` (and each :class:`ScoreShardLosses` actor) holds both models (one GPU each when the cluster has GPUs, else
-``worker_num_cpus`` CPUs) and is a thin shell over :class:`selector.rho.RhoScorer`.
+``worker_num_cpus`` CPUs) and is a thin shell over :class:`selector.rho.excess_loss.RhoScorer`.
 
 Two driver-side entry points:
 
 * :func:`score_shards` — document scores for ``method: perplexity`` (mean reference loss)
   and ``method: rho`` (mean excess loss), written per shard to the work dir as sorted runs
-  (:mod:`selector.ranked_selection`) by a Ray Data actor pool (:class:`ScoreShardLosses`, a per-shard
+  (:mod:`selector.selection.ranked`) by a Ray Data actor pool (:class:`ScoreShardLosses`, a per-shard
   map stage); only per-shard counts travel to the driver.
   (:func:`score_documents` returns the scores of given batches instead: tests and benches.)
 * :func:`compute_token_masks` — the ``mask`` stage over a selection, on :class:`LossWorker` actors
@@ -29,12 +29,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from selector.corpus import Corpus, CorpusConfig, DocumentBatch, RejectSink
+from selector.data.corpus import Corpus, CorpusConfig, DocumentBatch, RejectSink
 from selector.errors import ModelLoadError, ThresherError
-from selector.models import require_same_tokenizer
+from selector.models.loading import require_same_tokenizer
 from workers.runtime import fit_num_cpus, job_env, pending_shards, round_robin
 from workers.shard_stage import ShardStage
-from selector.rho import (ExcessHistogram, RhoConfig, excess_losses, mean_scores, pack_mask, topk_masks_exact,
+from selector.rho.excess_loss import (ExcessHistogram, RhoConfig, excess_losses, mean_scores, pack_mask, topk_masks_exact,
                           topk_masks_per_batch)
 
 RESTARTS = 3  # restarts of a dead loss actor (and retries of its in-flight calls)
@@ -59,7 +59,7 @@ def resolve_item(corpus: Corpus | None, item) -> DocumentBatch:
 
 
 def score_batch(scorer, batch: DocumentBatch) -> dict:
-    """Per-document scores of ``batch`` under ``scorer`` (a :class:`selector.rho.RhoScorer`)."""
+    """Per-document scores of ``batch`` under ``scorer`` (a :class:`selector.rho.excess_loss.RhoScorer`)."""
     ref, train = scorer.score(batch.texts)
     excess = excess_losses(train.losses, ref.losses)
     return {"doc_id": batch.doc_ids, "shard": [batch.shard] * len(batch), "row": batch.rows,
@@ -70,13 +70,13 @@ def score_batch(scorer, batch: DocumentBatch) -> dict:
 class ScoreShardLosses(ShardStage):
     """The per-shard loss stage of ``perplexity`` / ``rho`` on Ray Data: both models per actor; each
     shard's scores written to the work dir as a run sorted by the method's order
-    (:mod:`selector.ranked_selection`), then its done marker; only the shard's counts come back.
+    (:mod:`selector.selection.ranked`), then its done marker; only the shard's counts come back.
     Written whole then marked, so a shard retried after a restart just writes it again."""
 
     def __init__(self, config: dict, storage_options: dict | None, corpus_config: dict, work: tuple,
                  stage: str, column: str, descending: bool):
-        from selector.rho import RhoScorer
-        from selector.workdir import WorkDir
+        from selector.rho.excess_loss import RhoScorer
+        from selector.data.workdir import WorkDir
 
         self.scorer = RhoScorer(RhoConfig(**config), storage_options=storage_options)
         self.corpus = Corpus(CorpusConfig(**corpus_config))
@@ -84,8 +84,8 @@ class ScoreShardLosses(ShardStage):
         self.stage, self.column, self.descending = stage, column, descending
 
     def process(self, shard, config_hash: str) -> dict:
-        from selector.ranked_selection import ROW_GROUP, sort_run
-        from selector.workdir import shard_key
+        from selector.selection.ranked import ROW_GROUP, sort_run
+        from selector.data.workdir import shard_key
 
         part = score_batch(self.scorer, resolve_item(self.corpus, (shard, None)))
         table = _score_table([part])
@@ -103,7 +103,7 @@ class LossWorker:
     """Both models of one Rho-1 run; scores documents and keeps excess losses for masking."""
 
     def __init__(self, config: dict, storage_options: dict | None = None, corpus_config: dict | None = None):
-        from selector.rho import RhoScorer
+        from selector.rho.excess_loss import RhoScorer
 
         self.config = RhoConfig(**config)
         self.scorer = RhoScorer(self.config, storage_options=storage_options)
@@ -266,7 +266,7 @@ def _score_table(parts: list[dict]) -> pa.Table:
                      **{c: pa.array(np.asarray(data[c], dtype=np.float64)) for c in cols[4:]}})
 
 
-LOSS_STAGE = "losses"  # per-shard score runs of perplexity / rho (selector.ranked_selection)
+LOSS_STAGE = "losses"  # per-shard score runs of perplexity / rho (selector.selection.ranked)
 
 
 def score_shards(shards: list, config: RhoConfig, workdir, job_hash: str, column: str, descending: bool,
@@ -277,7 +277,7 @@ def score_shards(shards: list, config: RhoConfig, workdir, job_hash: str, column
     or ``rho.worker_num_cpus``), each shard written to ``losses/<shard key>.parquet`` as a sorted run;
     returns the totals and ``min_tokens`` (the shortest scored document), read from the done markers
     of skipped shards. O(shards) here."""
-    from selector.workdir import shard_key
+    from selector.data.workdir import shard_key
     from workers.shard_stage import run_shard_stage
 
     hashes, todo, per_shard = pending_shards(workdir, LOSS_STAGE, shards, job_hash)
@@ -304,7 +304,7 @@ def compute_token_masks(batches: Iterable[DocumentBatch], config: RhoConfig, sto
         corpus_config: CorpusConfig | None = None) -> MaskResult:
     """Rho-1 token masks for the documents in ``batches`` (the selection of any method; work
     items as in :func:`score_documents`). Merge into a selection with
-    :func:`selector.rho.attach_token_masks` (the table rows come in no particular order)."""
+    :func:`selector.rho.excess_loss.attach_token_masks` (the table rows come in no particular order)."""
     mode = "per_batch" if config.mask_mode == "per_batch" else config.global_method
     own = actors is None
     actors = actors or start_workers(config, storage_options, corpus_config)

@@ -8,7 +8,7 @@ from typing import Iterable
 import ray
 
 from selector.config import RayConfig
-from selector.storage import ENV_RETRY_SECONDS, retry_seconds
+from selector.data.storage import ENV_RETRY_SECONDS, retry_seconds
 
 
 def connect(config: RayConfig) -> None:
@@ -105,7 +105,7 @@ def _roles(config) -> dict[str, list[str | None]]:
     """The model pools ``config``'s method starts, with the models each actor holds."""
     roles: dict[str, list[str | None]] = {}
     if config.method in ("quad", "exploration-only"):
-        from selector.embedding import PACKAGED_MINILM, packaged_minilm_path
+        from selector.clusters.embedding import PACKAGED_MINILM, packaged_minilm_path
 
         model = config.embed.model
         roles["embed"] = [packaged_minilm_path() if model == PACKAGED_MINILM else model]
@@ -188,8 +188,8 @@ def pending_shards(workdir, stage: str, shards: list, job_hash: str) -> tuple[di
     """Per-shard resume of a scoring stage: ``(hashes, todo, done_stats)`` -- each shard's hash (the
     job's stage hash with the shard's size and version, so a re-written shard is redone), the shards
     not done under theirs, and the done markers' stats of the others (O(shards), never O(documents))."""
-    from selector.embedding import shard_config_hash
-    from selector.workdir import shard_key, stable_hash
+    from selector.clusters.embedding import shard_config_hash
+    from selector.data.workdir import shard_key, stable_hash
 
     hashes = {s.relpath: stable_hash({"job": job_hash, "shard": shard_config_hash({}, None, s)}) for s in shards}
     todo = [s for s in shards if not workdir.is_done(stage, shard_key(s.relpath), hashes[s.relpath])]

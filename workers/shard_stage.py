@@ -16,7 +16,7 @@ a task whose process dies is retried, up to ``RESTARTS`` times.
 
 Why shard descriptors rather than ``read_parquet`` blocks: a stage's outputs and done markers are per
 shard (resume skips finished shards, a refresh redoes changed ones), and the readers of
-``selector.corpus`` validate records and apply the corpus's quarantine rule; a descriptor keeps both.
+``selector.data.corpus`` validate records and apply the corpus's quarantine rule; a descriptor keeps both.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from tqdm import tqdm
 
-from selector.corpus import ShardInfo
+from selector.data.corpus import ShardInfo
 from workers.runtime import job_env
 
 RESTARTS = 3  # restarts of a dead stage actor (and retries of its in-flight shard)
@@ -65,7 +65,7 @@ class ShardStage:
 
 def _storage_error(exc: BaseException, shard: ShardInfo):
     from selector.errors import ThresherError
-    from selector.storage import request_uri, storage_error
+    from selector.data.storage import request_uri, storage_error
 
     if isinstance(exc, ThresherError):
         return None

@@ -32,8 +32,8 @@ from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from selector.demo_corpus import write_shard
-from selector.textsources import (TextDoc, docstrings, man_pages, pydoc_topics, source_files,
+from selector.demo.corpus import write_shard
+from selector.demo.textsources import (TextDoc, docstrings, man_pages, pydoc_topics, source_files,
                                   synthetic_low_quality)
 
 TEXT_NAMES = ("readme", "news", "faq", "changes", "history", "authors", "todo", "usage")
@@ -165,7 +165,7 @@ def build_bench_data(out_dir: str | Path, text_dirs: list[str], max_docs_per_sou
                     [{"id": f"{d.source}/{d.name}", "text": d.text, "source": d.source} for d in corpus[i::n_shards]])
     write_shard(out / "reference" / "reference.jsonl",
                 [{"id": f"{d.source}/{d.name}", "text": d.text} for d in reference])
-    from selector.proxy_models import train_bpe_tokenizer
+    from selector.demo.proxy_models import train_bpe_tokenizer
 
     train_bpe_tokenizer([d.text for d in rng.sample(corpus, min(len(corpus), 800))], out / "tokenizer",
                         vocab_size=vocab_size)

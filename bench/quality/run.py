@@ -70,12 +70,12 @@ def corpus_texts(corpus_dir: str) -> list[str]:
 
 def cache_keys(s: BenchSettings) -> dict:
     """Cache folder keys: the settings each artefact depends on (changing a size rebuilds what it affects)."""
-    from selector.workdir import stable_hash
+    from selector.data.workdir import stable_hash
 
     data = [s.text_dirs, s.max_docs_per_source, s.max_text_dir_docs, s.n_low_quality, s.max_chars, s.n_general,
             s.vocab_size] + ([s.max_target_docs] if s.max_target_docs else []) + [s.target, s.n_broad]
     models = data + [s.hidden_size, s.num_layers, s.proxy_steps]
-    from selector.quad import QuadConfig
+    from selector.quad.loop import QuadConfig
 
     # the resolved Quad config, defaults included: a changed default must not reuse older results
     # (it did once: a cached quad run made under the previous accept default was read back)
@@ -90,7 +90,7 @@ def prepare_models(data: BenchData, s: BenchSettings, root: Path) -> dict:
 
     import torch
 
-    from selector.model_training import ModelTrainingConfig, train_models
+    from selector.models.training import ModelTrainingConfig, train_models
 
     paths = {"init": str(root / "proxy-init"), "ckpt_a": str(root / "proxy-a"), "proxy": str(root / "proxy-b"),
              "reference": str(root / "reference")}
@@ -110,7 +110,7 @@ def prepare_models(data: BenchData, s: BenchSettings, root: Path) -> dict:
 
 
 def job_config(method: str, seed: int, data: BenchData, models: dict, s: BenchSettings) -> dict:
-    from selector.embedding import PACKAGED_MINILM, packaged_minilm_path
+    from selector.clusters.embedding import PACKAGED_MINILM, packaged_minilm_path
 
     base_method = "quad" if method == "quad+mask" else method
     # perplexity, rho and topk-influence rank by scores that do not depend on the seed: their selection
@@ -149,7 +149,7 @@ def job_config(method: str, seed: int, data: BenchData, models: dict, s: BenchSe
 
 def selected_texts(manifest, corpus_dir: str) -> tuple[list[str], list[np.ndarray | None]]:
     """The selected documents' texts (read back from the shards by row) and their token masks."""
-    from selector.corpus import Corpus, CorpusConfig
+    from selector.data.corpus import Corpus, CorpusConfig
 
     corpus = Corpus(CorpusConfig(uri=corpus_dir, id_column="id"))
     shards = {sh.uri: sh for sh in corpus.list_shards()}
@@ -176,14 +176,14 @@ def canonical_order(doc_ids: list[str], seed: int) -> np.ndarray:
     selections of the same set train differently. In this order the training stream depends only on
     the selected set and the seed.
     """
-    from selector.index import hash_keys
+    from selector.data.index import hash_keys
 
     return np.lexsort((np.asarray(doc_ids, dtype=object).astype(str), hash_keys(doc_ids, seed)))
 
 
 def budget_sample(tokenizer, texts: list[str], budget: int, seed: int) -> list[str]:
     """Documents of ``texts`` in a seeded random order until ``budget`` tokens (the oracle's data)."""
-    from selector.token_losses import tokenize
+    from selector.rho.token_losses import tokenize
 
     order = np.random.default_rng(seed).permutation(len(texts))
     lengths = [len(x) for x in tokenize(tokenizer, texts)]
@@ -239,8 +239,8 @@ def share_stages(work_root: Path, run_id: str, config: dict) -> list[str]:
 def run_one(method: str, seed: int, data: BenchData, models: dict, s: BenchSettings, tokenizer, evals,
             cache: Path, label: str | None = None) -> dict:
     from selector.config import parse_config
-    from selector.manifest import read_manifest
-    from selector.proxy_models import build_causal_lm
+    from selector.data.manifest import read_manifest
+    from selector.demo.proxy_models import build_causal_lm
 
     t0 = time.time()
     extra: dict = {}
@@ -297,7 +297,7 @@ def run_bench(s: BenchSettings, ray_started_here: bool = True) -> dict:
     """Everything; per-(method, seed) results are cached under ``out/results`` (a rerun resumes)."""
     import torch
 
-    from selector.models import load_tokenizer
+    from selector.models.loading import load_tokenizer
 
     # One thread: on this shared 2-core box two torch threads contend with the Ray workers and
     # other jobs (measured 0.62 s/step with 2 threads vs 0.09 s with 1).

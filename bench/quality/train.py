@@ -10,7 +10,7 @@ same documents train identically whatever order a selector listed them in. (The 
 windows at random positions from the selector's order; at these sizes that alone moved target loss by
 0.06-0.09 nats between two listings of the same set: ``--train-windows random`` keeps it for
 comparison.) With Rho-1 token masks, the loss is the mean over kept tokens only
-(:func:`selector.rho.masked_lm_loss`); masked tokens stay in the input as context.
+(:func:`selector.rho.excess_loss.masked_lm_loss`); masked tokens stay in the input as context.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def window_starts(n_tokens: int, seq_len: int, batch_size: int, steps: int, rng:
 
 def pack(tokenizer, texts: list[str], masks: list[np.ndarray | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Token stream and loss-mask stream of ``texts`` (EOS after each document, its loss kept)."""
-    from selector.token_losses import tokenize
+    from selector.rho.token_losses import tokenize
 
     eos = tokenizer.eos_token_id
     ids_parts, mask_parts = [], []
@@ -73,8 +73,8 @@ def train_lm(init_dir: str, stream: np.ndarray, mask: np.ndarray, settings: Trai
     """Train a copy of the model in ``init_dir`` on windows of ``stream`` (``settings.windows``); return it."""
     import torch
 
-    from selector.models import load_causal_lm
-    from selector.rho import masked_lm_loss
+    from selector.models.loading import load_causal_lm
+    from selector.rho.excess_loss import masked_lm_loss
 
     if len(stream) < settings.seq_len + 1:
         raise ValueError(f"{len(stream)} training tokens; need at least {settings.seq_len + 1}")
@@ -88,7 +88,7 @@ def train_lm(init_dir: str, stream: np.ndarray, mask: np.ndarray, settings: Trai
                              {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
     warm, steps = settings.warmup_steps, settings.steps
 
-    def schedule(step: int) -> float:  # linear warm-up, cosine to 10% (as selector.proxy_training)
+    def schedule(step: int) -> float:  # linear warm-up, cosine to 10% (as selector.models.proxy_training)
         if step < warm:
             return (step + 1) / warm
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
