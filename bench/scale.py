@@ -1,6 +1,13 @@
 """Scale benchmark: the full random and quad jobs on synthetic corpora of growing size.
 
     python -m bench.scale --sizes 10000,30000,100000 --methods random,quad --cache /work/scale-cache
+    python -m bench.scale --merge --resume --sizes 10000000 --methods quad --cache /work/scale-cache
+
+``--merge`` keeps the results file's rows of other sizes and methods. ``--resume`` lets a job longer
+than one sitting run in pieces: a killed piece leaves its work dir and a heartbeat (log lines with
+their times, peak memory so far; written every 5 s), and the next ``--resume`` invocation continues
+the job from the work dir (finished shards and rounds are skipped) and adds the pieces up
+(:func:`combine_pieces`; up to 5 s of each killed piece's end is not counted).
 
 For each size the corpus is the first ``ceil(n / docs_per_shard)`` shards of one synthetic pool
 (bench/synthetic_corpus.py; hard links, so sizes share their shards), the models are tiny and
@@ -114,16 +121,21 @@ def job_config(method: str, n: int, inputs: dict, work: Path, seed: int) -> dict
 class MemorySampler(threading.Thread):
     """Peak RSS of this process and of each Ray worker process class, sampled every ``interval`` s."""
 
-    def __init__(self, interval: float = 0.25):
+    def __init__(self, interval: float = 0.25, report_every: float = 5.0):
         import psutil  # here, not in run(): a missing psutil must fail the run, not silently empty the table
 
         super().__init__(daemon=True)
         self.interval, self.peaks, self.stop = interval, {}, threading.Event()
         self.process = psutil.Process()
+        self.on_sample, self.report_every = None, report_every
 
     def run(self):
         me = self.process
+        reported = time.monotonic()
         while not self.stop.is_set():
+            if self.on_sample is not None and time.monotonic() - reported >= self.report_every:
+                self.on_sample()
+                reported = time.monotonic()
             self._note("driver", me)
             # only this job's local Ray: its raylet is the driver's child, the workers the raylet's
             for proc in me.children(recursive=True):
@@ -181,8 +193,11 @@ def run_one(config_path: Path, metrics_path: Path) -> None:
 
     config = load_config(config_path)
     marks, log, started = timed_log()
+    heartbeat = metrics_path.with_suffix(".piece.json")  # what a killed piece leaves behind
 
     sampler = MemorySampler()
+    sampler.on_sample = lambda: _write_json(heartbeat, {
+        "seconds": round(time.monotonic() - started, 1), "marks": list(marks), "peak_rss_bytes": dict(sampler.peaks)})
     sampler.start()
     uri = run(config, progress=False, log=log)
     total = time.monotonic() - started
@@ -194,25 +209,87 @@ def run_one(config_path: Path, metrics_path: Path) -> None:
     peaks["driver"] = max(peaks.get("driver", 0), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     metrics_path.write_text(json.dumps({
         "seconds": round(total, 1), "stages": stages, "peak_rss_bytes": peaks, "selected": len(manifest),
-        "summary_stages": manifest.summary.get("stages", {}), "log": [m for _, m in marks]}, indent=1, default=str))
+        "summary_stages": manifest.summary.get("stages", {}), "log": [m for _, m in marks],
+        "marks": marks}, indent=1, default=str))
+    heartbeat.unlink(missing_ok=True)
 
 
-def measure(method: str, n: int, inputs: dict, cache: Path, seed: int, log=print) -> dict:
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, default=str))
+    tmp.replace(path)
+
+
+def closing_stage(message: str) -> str | None:
+    """The stage a job log line closes (:data:`STAGE_LINES`), or None."""
+    return next((stage for prefix, stage in STAGE_LINES if message.startswith(prefix)), None)
+
+
+def combine_pieces(pieces: list[dict]) -> dict:
+    """One job's stage seconds from its pieces (``--resume``; each ``{"seconds", "marks", "peak_rss_bytes"}``,
+    the last one finished). A killed piece's time after its last line was spent in the stage it was in:
+    it goes to the next line, in a later piece, that closes a stage after that piece's last one (the
+    stages a later piece re-closes on the way, start-up and the skipped ones, are the cost of resuming
+    and stay theirs). Peaks are the maximum over the pieces."""
+    order = list(dict.fromkeys(stage for _, stage in STAGE_LINES))
+    stages: dict[str, float] = {}
+    carry, killed_after = 0.0, None
+    for i, piece in enumerate(pieces):
+        previous, last = 0.0, None
+        for at, message in piece["marks"]:
+            stage = closing_stage(message)
+            if stage is None:
+                continue
+            seconds, previous, last = at - previous, at, stage
+            if carry and (killed_after is None or order.index(stage) > order.index(killed_after)):
+                seconds, carry = seconds + carry, 0.0
+            stages[stage] = round(stages.get(stage, 0.0) + seconds, 2)
+        tail = piece["seconds"] - previous
+        if i < len(pieces) - 1:
+            carry, killed_after = carry + tail, last if carry == 0 else killed_after
+        else:
+            stages["other"] = round(stages.get("other", 0.0) + tail + carry, 2)
+    peaks: dict[str, int] = {}
+    for piece in pieces:
+        for proc, b in piece["peak_rss_bytes"].items():
+            peaks[proc] = max(peaks.get(proc, 0), b)
+    return {"seconds": round(sum(p["seconds"] for p in pieces), 1), "stages": stages, "peak_rss_bytes": peaks,
+            "pieces": len(pieces)}
+
+
+def measure(method: str, n: int, inputs: dict, cache: Path, seed: int, log=print, resume: bool = False) -> dict:
+    """One job, from a fresh work dir in its own process. ``resume``: continue the work dir a killed
+    piece of the same job left (its heartbeats in ``pieces-<method>-<n>.json``) and combine the pieces."""
     work = cache / f"work-{method}-{n}"
-    shutil.rmtree(work, ignore_errors=True)
     cfg_path, metrics = cache / f"job-{method}-{n}.json", cache / f"metrics-{method}-{n}.json"
+    pieces_path = cache / f"pieces-{method}-{n}.json"
+    heartbeat = metrics.with_suffix(".piece.json")
+    killed = json.loads(pieces_path.read_text()) if resume and pieces_path.exists() else []
+    if resume and heartbeat.exists():  # the previous piece was killed: keep what it measured
+        killed.append(json.loads(heartbeat.read_text()))
+        heartbeat.unlink()
+    if not killed:
+        shutil.rmtree(work, ignore_errors=True)
+    if resume:
+        _write_json(pieces_path, killed)
+    metrics.unlink(missing_ok=True)
     cfg_path.write_text(json.dumps(job_config(method, n, inputs, work, seed)))
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("RAY_ADDRESS", None)
     load_before = os.getloadavg()[0]
-    with open(cache / f"log-{method}-{n}.txt", "w") as out:
+    with open(cache / f"log-{method}-{n}.txt", "a" if killed else "w") as out:
         done = subprocess.run([sys.executable, "-m", "bench.scale", "--run-one", str(cfg_path), str(metrics)],
                               stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{method} at {n:,} documents failed (exit {done.returncode}); see "
                          f"{cache / f'log-{method}-{n}.txt'}")
-    result = json.loads(metrics.read_text()) | {"method": method, "documents": n, "commit": git_commit(),
+    result = json.loads(metrics.read_text())
+    if killed:
+        result.update(combine_pieces([*killed, result]))
+        log(f"{method} {n:,}: combined {len(killed) + 1} pieces")
+    pieces_path.unlink(missing_ok=True)
+    result = result | {"method": method, "documents": n, "commit": git_commit(),
                                                  "load_before": round(load_before, 2),
                                                  "load_after": round(os.getloadavg()[0], 2)}
     shutil.rmtree(work, ignore_errors=True)  # the work dir of a 1e7 run is large
@@ -280,7 +357,8 @@ def write_report(results: list[dict], meta: dict, out_md: Path) -> None:
                 else:
                     cells.append(f"{sec:.1f}")
             lines.append(f"| {r['documents']:,} | {r['seconds']:.0f} | " + " | ".join(cells) +
-                         f" | {r['load_before']} / {r['load_after']} | {r.get('commit', '')} |")
+                         f" | {r['load_before']} / {r['load_after']} | {r.get('commit', '')}"
+                         + (f" ({r['pieces']} pieces, resumed)" if r.get("pieces", 1) > 1 else "") + " |")
         lines.append("| log-log slope | " + (f"{slope([r['documents'] for r in rows], [r['seconds'] for r in rows]):.2f}"
                                              if len(rows) > 1 else "") + " | " +
                      " | ".join(f"{slope([r['documents'] for r in rows], [r['stages'].get(s, 0) for r in rows]):.2f}"
@@ -345,6 +423,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=str(ROOT / ".scale-cache"), help="pool, models, per-run logs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default=str(RESULTS / "scale.md"))
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a job whose previous piece was killed (its work dir and heartbeats are kept)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the results file's rows for the sizes and methods not measured now")
     args = parser.parse_args(argv)
@@ -359,7 +439,7 @@ def main(argv=None) -> int:
     results = []
     for method in args.methods.split(","):
         for n in sizes:
-            results.append(measure(method, n, inputs, cache, args.seed))
+            results.append(measure(method, n, inputs, cache, args.seed, resume=args.resume))
     meta = {"command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
             "commit": git_commit(), "machine": f"{platform.machine()} {os.cpu_count()} cores, "
             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
