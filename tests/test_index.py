@@ -47,6 +47,35 @@ def test_merged_local_prefixes_equal_the_global_selection_for_any_partition():
             assert sum(merged["n_tokens"].to_pylist()) <= budget
 
 
+def test_bucketed_random_selection_equals_the_definition_for_any_partition_and_bucket_count():
+    """The three passes of workers.index_reads.random_selection, run on in-process parts."""
+    import pyarrow.compute as pc
+
+    from selector.data.index import (bucket_tokens, crossing_bucket, cut_in_hash_order, in_hash_order,
+                                     rows_in_buckets)
+
+    full = table(3000)
+    rng = np.random.default_rng(7)
+    total = sum(full["n_tokens"].to_pylist())
+    for seed, budget, n_buckets in [(0, 10_000, 64), (1, 123_456, 4), (2, 1, 16), (3, 10**9, 8),
+                                    (4, total, 1), (5, total - 1, 1), (6, 0, 3)]:
+        cuts = np.sort(rng.choice(np.arange(1, 3000), size=4, replace=False))
+        parts = [full.slice(a, b - a) for a, b in zip([0, *cuts], [*cuts, 3000])]
+        counts = sum(bucket_tokens(p, seed, n_buckets) for p in parts)
+        crossing = crossing_bucket(counts, budget)
+        if crossing is None:
+            chosen = pa.concat_tables([rows_in_buckets(p, seed, n_buckets, 0, n_buckets) for p in parts])
+        else:
+            b, before = crossing
+            edge = cut_in_hash_order(pa.concat_tables([rows_in_buckets(p, seed, n_buckets, b, b + 1) for p in parts]),
+                                     budget - before)
+            below = [rows_in_buckets(p, seed, n_buckets, 0, b) for p in parts]
+            chosen = pa.concat_tables([*below, edge])
+        chosen = in_hash_order(chosen)
+        assert chosen["doc_id"].to_pylist() == naive_random_selection(full, seed, budget), (seed, budget, n_buckets)
+        assert (pc.sum(chosen["n_tokens"]).as_py() or 0) <= budget
+
+
 def test_empty_inputs():
     assert merge_hash_order([hash_order_prefix(None, 0, 10)], 10).num_rows == 0
 

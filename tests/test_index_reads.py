@@ -37,22 +37,32 @@ def test_shard_groups_cover_every_shard_once_in_bounded_groups():
     assert shard_groups([], 3) == []
 
 
-def test_random_sample_and_selection_do_not_depend_on_the_grouping(indexed):
+def test_random_sample_and_selection_do_not_depend_on_the_grouping(indexed, monkeypatch):
+    import workers.index_reads as reads
     from workers.index_reads import random_sample_located, random_selection
+
+    monkeypatch.setattr(reads, "DOCS_PER_BUCKET", reads.DOCS_PER_BUCKET)  # restored after the test
 
     cfg, shards, workdir, by_id = indexed
     paths = [s.relpath for s in shards]
     index = read_index(workdir, paths)
     where = dict(zip(index["doc_id"].to_pylist(), zip(index["shard"].to_pylist(), index["row"].to_pylist())))
     expected_sample = [d for _, d in sorted(zip(hash_keys(list(by_id), 4), by_id))][:10]
-    expected_selection = hash_order_prefix(index, 4, 300)["doc_id"].to_pylist()
-    assert 0 < len(expected_selection) < 60
+    total = sum(index["n_tokens"].to_pylist())
     for min_groups in (1, 2, 3):
         sample = random_sample_located(workdir, paths, 10, seed=4, min_groups=min_groups)
         assert sample["doc_id"] == expected_sample
         assert list(zip(sample["shard"], sample["row"])) == [where[d] for d in expected_sample]
-        chosen = random_selection(workdir, paths, 4, 300, min_groups=min_groups)
-        assert chosen["doc_id"].to_pylist() == expected_selection
+        # 60 documents: one key bucket by default, then 20 (DOCS_PER_BUCKET 3), so the budget runs out
+        # inside a bucket shared by every group; budgets from nothing to the whole corpus
+        for docs_per_bucket in (reads.DOCS_PER_BUCKET, 3):
+            reads.DOCS_PER_BUCKET = docs_per_bucket
+            for budget in (0, 40, 300, total - 1, total, 10 * total):
+                chosen = random_selection(workdir, paths, 4, budget, 60, min_groups=min_groups)
+                expected = hash_order_prefix(index, 4, budget)
+                assert chosen["doc_id"].to_pylist() == expected["doc_id"].to_pylist(), (budget, docs_per_bucket)
+                assert chosen["hash_key"].to_pylist() == expected["hash_key"].to_pylist()
+        reads.DOCS_PER_BUCKET = 1_000
 
 
 def test_located_reads_return_each_documents_text(indexed):

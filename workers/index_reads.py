@@ -9,8 +9,10 @@ their group's tables there and send back only the answer:
   keys by ``key % parts`` (one Ray return per part), one task per part finds the repeated keys,
   and only the rows holding those keys come back, where the ids themselves are compared
   (:func:`selector.data.index.find_duplicate_ids`, so a key collision of distinct ids is no error);
-* :func:`random_selection` -- the ``random`` method: each group's hash-order prefix under the
-  budget, merged and cut again (exact, see :func:`selector.data.index.hash_order_prefix`);
+* :func:`random_selection` -- the ``random`` method, exact, in three passes over the groups (see
+  ``selector.data.index``): tokens per hash-key bucket, summed as they arrive; the rows of the one
+  bucket where the budget runs out, cut in hash order; every group's rows below that bucket. The
+  driver holds the bucket counts and one bucket, then the selection (Arrow columns);
 * :func:`random_sample_located` -- ``n`` documents uniformly at random (the first ``n`` in hash order
   of the whole corpus): each group's first ``n``, merged (O(groups x n));
 * :func:`read_located` -- texts by ``(shard, row)``: one task per shard, reading those rows from the
@@ -28,8 +30,8 @@ import pyarrow as pa
 import ray
 
 from selector.data.corpus import Corpus, CorpusConfig, ShardInfo
-from selector.data.index import (find_duplicate_ids, hash_keys, hash_order_prefix, id_keys, merge_hash_order,
-                            read_index)
+from selector.data.index import (bucket_tokens, crossing_bucket, cut_in_hash_order, find_duplicate_ids, hash_keys,
+                                 id_keys, in_hash_order, read_index, rows_in_buckets)
 from selector.data.workdir import WorkDir
 from workers.runtime import job_env
 
@@ -89,8 +91,12 @@ def _rows_with_keys(work: tuple, relpaths: list[str], keys: np.ndarray) -> pa.Ta
     return table.filter(pa.array(np.isin(id_keys(table["doc_id"].to_pylist()), keys)))
 
 
-def _hash_order_prefix(work: tuple, relpaths: list[str], seed: int, max_tokens: int) -> pa.Table:
-    return hash_order_prefix(read_index(_workdir(work), relpaths), seed, max_tokens)
+def _bucket_tokens(work: tuple, relpaths: list[str], seed: int, n_buckets: int) -> np.ndarray:
+    return bucket_tokens(read_index(_workdir(work), relpaths, columns=["doc_id", "n_tokens"]), seed, n_buckets)
+
+
+def _rows_in_buckets(work: tuple, relpaths: list[str], seed: int, n_buckets: int, low: int, high: int) -> pa.Table:
+    return rows_in_buckets(read_index(_workdir(work), relpaths), seed, n_buckets, low, high)
 
 
 def _first_in_hash_order(work: tuple, relpaths: list[str], n: int, seed: int) -> dict[str, list]:
@@ -129,13 +135,31 @@ def duplicate_ids(workdir: WorkDir, relpaths: Sequence[str], documents: int, min
     return find_duplicate_ids(ray.get([_remote(_rows_with_keys).remote(work, g, keys) for g in groups]), limit)
 
 
-def random_selection(workdir: WorkDir, relpaths: Sequence[str], seed: int, budget_tokens: int,
+DOCS_PER_BUCKET = 1_000  # random selection: documents per hash-key bucket (the one bucket the driver reads)
+MAX_BUCKETS = 1 << 16
+
+
+def random_selection(workdir: WorkDir, relpaths: Sequence[str], seed: int, budget_tokens: int, documents: int,
                      min_groups: int = 1) -> pa.Table:
-    """The ``random`` method: the global hash-order prefix under the budget (index rows + ``hash_key``)."""
-    work = _work(workdir)
-    prefixes = ray.get([_remote(_hash_order_prefix).remote(work, g, seed, budget_tokens)
-                        for g in shard_groups(relpaths, min_groups)])
-    return merge_hash_order(prefixes, budget_tokens)
+    """The ``random`` method: the global hash-order prefix under the budget (index rows + ``hash_key``,
+    in hash order), the same for any grouping; ``documents``: the corpus's count (it sizes the buckets)."""
+    work, groups = _work(workdir), shard_groups(relpaths, min_groups)
+    n_buckets = int(min(MAX_BUCKETS, max(1, documents // DOCS_PER_BUCKET)))
+    counts = np.zeros(n_buckets, np.int64)
+    pending = [_remote(_bucket_tokens).remote(work, g, seed, n_buckets) for g in groups]
+    while pending:  # summed as they arrive: the driver holds one histogram, not one per group
+        done, pending = ray.wait(pending, num_returns=1)
+        counts += ray.get(done[0])
+    crossing = crossing_bucket(counts, budget_tokens)
+    if crossing is None:  # the whole corpus fits
+        parts = [_remote(_rows_in_buckets).remote(work, g, seed, n_buckets, 0, n_buckets) for g in groups]
+        return in_hash_order(pa.concat_tables(ray.get(parts)))
+    bucket, before = crossing
+    edge = cut_in_hash_order(pa.concat_tables(ray.get(
+        [_remote(_rows_in_buckets).remote(work, g, seed, n_buckets, bucket, bucket + 1) for g in groups])),
+        budget_tokens - before)
+    below = ray.get([_remote(_rows_in_buckets).remote(work, g, seed, n_buckets, 0, bucket) for g in groups])
+    return in_hash_order(pa.concat_tables([*below, edge]))
 
 
 def random_sample_located(workdir: WorkDir, relpaths: Sequence[str], n: int, seed: int,

@@ -119,6 +119,60 @@ def merge_hash_order(prefixes: list[pa.Table], max_tokens: int) -> pa.Table:
     return merged.take(pa.array(order[:n_keep]))
 
 
+# The random selection without collecting candidates: the hash keys are uniform on [0, 1), so
+# equal-width key buckets hold about equal numbers of documents. Three passes over the index:
+# (1) each part's tokens per bucket, summed -> the first bucket b* where the running total passes the
+# budget (every bucket before it is selected whole, none after it); (2) the rows of bucket b* only
+# (about n / n_buckets of them), cut in hash order at the budget left; (3) each part's rows below b*,
+# plus its rows chosen in b*. What any one process holds: n_buckets counts, one bucket, or its part.
+
+
+def key_buckets(keys: np.ndarray, n_buckets: int) -> np.ndarray:
+    """The bucket (0 .. n_buckets - 1) of each hash key in [0, 1)."""
+    return np.minimum((keys * n_buckets).astype(np.int64), n_buckets - 1)
+
+
+def bucket_tokens(table: pa.Table | None, seed: int, n_buckets: int) -> np.ndarray:
+    """Pass 1 over one part of the index: its tokens per key bucket (int64, length ``n_buckets``)."""
+    if table is None or table.num_rows == 0:
+        return np.zeros(n_buckets, np.int64)
+    buckets = key_buckets(hash_keys(table["doc_id"].to_pylist(), seed), n_buckets)
+    return np.bincount(buckets, weights=table["n_tokens"].to_numpy(), minlength=n_buckets).astype(np.int64)
+
+
+def crossing_bucket(tokens_per_bucket: np.ndarray, max_tokens: int) -> tuple[int, int] | None:
+    """``(b*, tokens before it)``: the first bucket where the running token total passes ``max_tokens``;
+    None when the whole corpus fits."""
+    running = np.cumsum(tokens_per_bucket)
+    crossing = int(np.searchsorted(running, max_tokens, side="right"))
+    if crossing >= len(tokens_per_bucket):
+        return None
+    return crossing, int(running[crossing - 1]) if crossing else 0
+
+
+def rows_in_buckets(table: pa.Table | None, seed: int, n_buckets: int, low: int, high: int) -> pa.Table:
+    """Rows of ``table`` whose key bucket is in ``[low, high)``, with their ``hash_key``."""
+    if table is None or table.num_rows == 0:
+        return INDEX_SCHEMA.empty_table().append_column("hash_key", pa.array([], pa.float64()))
+    keys = hash_keys(table["doc_id"].to_pylist(), seed)
+    buckets = key_buckets(keys, n_buckets)
+    keep = np.flatnonzero((buckets >= low) & (buckets < high))
+    return table.take(pa.array(keep)).append_column("hash_key", pa.array(keys[keep]))
+
+
+def in_hash_order(table: pa.Table) -> pa.Table:
+    """``table`` (with ``hash_key``) sorted by key, ties by shard and row: the order of
+    :func:`merge_hash_order`'s stable merge of parts in shard order."""
+    return table.sort_by([("hash_key", "ascending"), ("shard", "ascending"), ("row", "ascending")])
+
+
+def cut_in_hash_order(table: pa.Table, max_tokens: int) -> pa.Table:
+    """The hash-order prefix of ``table`` whose cumulative tokens stay <= ``max_tokens``."""
+    ordered = in_hash_order(table)
+    n_keep = int(np.searchsorted(np.cumsum(ordered["n_tokens"].to_numpy()), max_tokens, side="right"))
+    return ordered.slice(0, n_keep)
+
+
 def find_duplicate_ids(tables: list[pa.Table | None], limit: int = 5) -> list[str]:
     """Messages for document ids that occur more than once (with both locations)."""
     seen: dict[str, tuple[str, int]] = {}
