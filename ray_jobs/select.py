@@ -50,7 +50,7 @@ class Job:
     progress: bool
     log: Callable[[str], None]
     hooks: object = None  # ray_jobs.refresh.RefreshHooks during a refresh, else None
-    documents: int = 0  # in the index (the corpus's documents that passed validation)
+    n_documents: int = 0  # in the index (the corpus's documents that passed validation)
     _loss_workers: list | None = None
 
 
@@ -107,7 +107,7 @@ def run_pipeline(config: JobConfig, run_id: str, workdir: WorkDir, progress: boo
         f"{index_stats['rejected']} rejected ({index_stats['shards_skipped']} shards already indexed)")
     check_budget(config, index_stats)
     job = Job(config, workdir, shards, config.budget.resolve(index_stats["tokens"]), progress, log,
-              hooks=hooks, documents=index_stats["documents"])
+              hooks=hooks, n_documents=index_stats["documents"])
 
     tokenizer_info = {"path": config.tokenizer, "fingerprint": tokenizer_fingerprint(tokenizer)}
     reused = hooks.reuse(job, index_stats) if hooks is not None else None
@@ -190,7 +190,7 @@ def check_budget(config: JobConfig, index_stats: dict) -> None:
 def select_random(job: Job):
     """The hash-order prefix under the budget, merged from the index groups' prefixes (O(selection))."""
     chosen = random_selection(job.workdir, [s.relpath for s in job.shards], job.config.seed, job.budget,
-                              job.documents, min_groups=job.config.ray.shard_readers)
+                              job.n_documents, min_groups=job.config.ray.shard_readers)
     return located_rows(job, chosen.select(["doc_id", "shard", "row", "n_tokens"]), "random"), {}
 
 
@@ -217,7 +217,7 @@ def select_quad(job: Job):
     spent = score_fn.spent
     job.log(f"quad: scored {spent['documents']:,} documents: reading texts {spent['read_seconds']:.1f} s, "
             f"influence {spent['influence_seconds']:.1f} s")
-    chosen = ray.get(bandit.selection.remote(locations=True))
+    chosen = ray.get(bandit.selection_table.remote())
     summary = ray.get(bandit.summary.remote())
     ray.kill(bandit)  # the run is finished; its checkpoint stays in the work dir
     rows = located_rows(job, chosen, "quad", cluster=chosen["cluster"], score=chosen["score"],

@@ -101,6 +101,9 @@ def test_killed_bandit_resumes_from_its_checkpoint_and_finishes_like_an_uninterr
     assert final["done"] and final["stop_reason"] == reference.stop_reason
     assert any("resumed" in m for m in messages)
     assert ray.get(restarted.selection.remote()) == reference.selection()
+    # the manifest's copy: the same rows as an Arrow table, with their locations
+    table = ray.get(restarted.selection_table.remote())
+    assert table.to_pydict() == reference.selection(locations=True)
     assert ray.get(restarted.summary.remote()) == reference.summary()
     # a retried report for an applied round returns its record and changes nothing
     assert ray.get(restarted.report.remote([[0.0]], 3)) == reference.history[3]

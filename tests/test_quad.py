@@ -173,6 +173,18 @@ def test_rejected_blocks_are_consumed_and_exhausted_arms_leave():
     assert sorted(exhausted) == [0, 1, 2]
 
 
+def test_selection_batches_are_the_selection_in_pieces():
+    ids, clusters, tokens = _corpus([40, 40, 40], seed=5)
+    cfg = QuadConfig(accept="documents", arms_per_round=2, block_size=10, warmup_size=4)
+    q = _run(QuadSelector(cfg, ids, clusters, tokens, budget_tokens=int(tokens.sum() * 0.3), seed=0),
+             _influence([1.0, 0.0, -1.0]))
+    whole = q.selection(locations=True)
+    assert len(whole["doc_id"]) > 10
+    batches = list(q.selection_batches(locations=True, rows_per_batch=5))
+    assert all(len(b["doc_id"]) >= 5 for b in batches[:-1]) and len(batches) > 1
+    assert {k: [v for b in batches for v in b[k]] for k in whole} == whole
+
+
 def test_fill_rejected_tops_up_an_underfilled_budget_with_the_best_rejected_blocks():
     ids, clusters, tokens = _corpus([30, 12, 25], seed=6)
     cfg = QuadConfig(accept="block", arms_per_round=2, block_size=8, tau=0.0, reward_scale=1.0, warmup_size=0)

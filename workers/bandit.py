@@ -200,6 +200,16 @@ class BanditActor:
         row`` (see QuadSelector.selection): O(selection), read from the queue files."""
         return self.quad.selection(locations)
 
+    def selection_table(self):
+        """:meth:`selection` with locations as an Arrow table, converted batch by batch (what goes to the
+        manifest: the actor never holds every selected row as Python objects)."""
+        import pyarrow as pa
+
+        schema = pa.schema([("doc_id", pa.string()), ("cluster", pa.int32()), ("n_tokens", pa.int64()),
+                            ("score", pa.float64()), ("round", pa.int32()), ("shard", pa.string()), ("row", pa.int64())])
+        return pa.Table.from_batches([pa.RecordBatch.from_pydict(b, schema=schema)
+                                      for b in self.quad.selection_batches(locations=True)], schema=schema)
+
     def summary(self) -> dict:
         """``manifest.json["quad"]``: settings, tau, reward scale, stop reason, round log."""
         return self.quad.summary()

@@ -105,7 +105,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterator, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -740,9 +740,18 @@ class QuadSelector:
         order; ``score`` = the document's own influence, or its block's sample mean under ``block``).
         With ``locations``, also ``shard, row`` from the queues (None / -1 where the store has none), so a
         manifest needs no lookup by id. Reads the kept ranges: O(selection)."""
-        out: dict[str, list] = {"doc_id": [], "cluster": [], "n_tokens": [], "score": [], "round": []}
-        if locations:
-            out.update(shard=[], row=[])
+        out: dict[str, list] = {}
+        for batch in self.selection_batches(locations):
+            for name, values in batch.items():
+                out.setdefault(name, []).extend(values)
+        return out or {name: [] for name in ("doc_id", "cluster", "n_tokens", "score", "round")
+                       + (("shard", "row") if locations else ())}
+
+    def selection_batches(self, locations: bool = False, rows_per_batch: int = 65_536) -> Iterator[dict[str, list]]:
+        """:meth:`selection` in pieces of at least ``rows_per_batch`` rows (the last may be smaller): what
+        a caller that converts as it goes (to Arrow) holds at once instead of every row's Python objects."""
+        names = ("doc_id", "cluster", "n_tokens", "score", "round") + (("shard", "row") if locations else ())
+        out: dict[str, list] = {name: [] for name in names}
         for cluster, start, stop, rnd, score in self.accepted:
             entries = self.queues.read(cluster, start, stop)
             n = stop - start
@@ -754,7 +763,11 @@ class QuadSelector:
             out["cluster"].extend([int(cluster)] * n)
             out["score"].extend([float(score)] * n)
             out["round"].extend([int(rnd)] * n)
-        return out
+            if len(out["doc_id"]) >= rows_per_batch:
+                yield out
+                out = {name: [] for name in names}
+        if out["doc_id"]:
+            yield out
 
     def summary(self) -> dict[str, Any]:
         """What goes into ``manifest.json["quad"]``: settings, calibration, outcome, round log."""
