@@ -10,9 +10,10 @@ their group's tables there and send back only the answer:
   and only the rows holding those keys come back, where the ids themselves are compared
   (:func:`selector.data.index.find_duplicate_ids`, so a key collision of distinct ids is no error);
 * :func:`random_selection` -- the ``random`` method, exact, in three passes over the groups (see
-  ``selector.data.index``): tokens per hash-key bucket, summed as they arrive; the rows of the one
-  bucket where the budget runs out, cut in hash order; every group's rows below that bucket. The
-  driver holds the bucket counts and one bucket, then the selection (Arrow columns);
+  ``selector.data.index``): tokens per hash-key bucket, summed as they arrive; the (key, shard, row,
+  tokens) of the one bucket where the budget runs out, cut in hash order; every group's rows below
+  that bucket and its chosen rows in it. The driver holds the bucket counts and one bucket's keys,
+  then the selection (Arrow columns);
 * :func:`random_sample_located` -- ``n`` documents uniformly at random (the first ``n`` in hash order
   of the whole corpus): each group's first ``n``, merged (O(groups x n));
 * :func:`read_located` -- texts by ``(shard, row)``: one task per shard, reading those rows from the
@@ -31,7 +32,7 @@ import ray
 
 from selector.data.corpus import Corpus, CorpusConfig, ShardInfo
 from selector.data.index import (bucket_tokens, crossing_bucket, cut_in_hash_order, find_duplicate_ids, hash_keys,
-                                 id_keys, in_hash_order, read_index, rows_in_buckets)
+                                 id_keys, in_hash_order, key_buckets, read_index, rows_in_buckets)
 from selector.data.workdir import WorkDir
 from workers.runtime import job_env
 
@@ -95,8 +96,25 @@ def _bucket_tokens(work: tuple, relpaths: list[str], seed: int, n_buckets: int) 
     return bucket_tokens(read_index(_workdir(work), relpaths, columns=["doc_id", "n_tokens"]), seed, n_buckets)
 
 
-def _rows_in_buckets(work: tuple, relpaths: list[str], seed: int, n_buckets: int, low: int, high: int) -> pa.Table:
-    return rows_in_buckets(read_index(_workdir(work), relpaths), seed, n_buckets, low, high)
+EDGE_COLUMNS = ["hash_key", "shard", "row", "n_tokens"]  # what the driver needs to cut the edge bucket
+
+
+def _rows_in_buckets(work: tuple, relpaths: list[str], seed: int, n_buckets: int, low: int, high: int,
+                     columns: list[str] | None = None) -> pa.Table:
+    rows = rows_in_buckets(read_index(_workdir(work), relpaths), seed, n_buckets, low, high)
+    return rows.select(columns) if columns else rows
+
+
+def _selected_rows(work: tuple, relpaths: list[str], seed: int, n_buckets: int, bucket: int,
+                   edge: pa.Table) -> pa.Table:
+    """The group's rows below ``bucket``, and those of ``bucket`` that ``edge`` (shard, row) names."""
+    rows = rows_in_buckets(read_index(_workdir(work), relpaths), seed, n_buckets, 0, bucket + 1)
+    if not edge.num_rows:
+        return rows.filter(pa.array(key_buckets(rows["hash_key"].to_numpy(), n_buckets) < bucket))
+    wanted = set(zip(edge["shard"].to_pylist(), edge["row"].to_pylist()))
+    below = key_buckets(rows["hash_key"].to_numpy(), n_buckets) < bucket
+    chosen = [b or (s, r) in wanted for b, s, r in zip(below, rows["shard"].to_pylist(), rows["row"].to_pylist())]
+    return rows.filter(pa.array(chosen))
 
 
 def _first_in_hash_order(work: tuple, relpaths: list[str], n: int, seed: int) -> dict[str, list]:
@@ -155,11 +173,16 @@ def random_selection(workdir: WorkDir, relpaths: Sequence[str], seed: int, budge
         parts = [_remote(_rows_in_buckets).remote(work, g, seed, n_buckets, 0, n_buckets) for g in groups]
         return in_hash_order(pa.concat_tables(ray.get(parts)))
     bucket, before = crossing
+    # the edge bucket's candidates as (key, shard, row, tokens) only: ids can be long
     edge = cut_in_hash_order(pa.concat_tables(ray.get(
-        [_remote(_rows_in_buckets).remote(work, g, seed, n_buckets, bucket, bucket + 1) for g in groups])),
-        budget_tokens - before)
-    below = ray.get([_remote(_rows_in_buckets).remote(work, g, seed, n_buckets, 0, bucket) for g in groups])
-    return in_hash_order(pa.concat_tables([*below, edge]))
+        [_remote(_rows_in_buckets).remote(work, g, seed, n_buckets, bucket, bucket + 1, EDGE_COLUMNS)
+         for g in groups])), budget_tokens - before)
+    group_of = {p: i for i, g in enumerate(groups) for p in g}
+    owner = np.array([group_of[p] for p in edge["shard"].to_pylist()], dtype=np.int64)
+    parts = ray.get([_remote(_selected_rows).remote(work, g, seed, n_buckets, bucket,
+                                                    edge.filter(pa.array(owner == i)).select(["shard", "row"]))
+                     for i, g in enumerate(groups)])
+    return in_hash_order(pa.concat_tables(parts))
 
 
 def random_sample_located(workdir: WorkDir, relpaths: Sequence[str], n: int, seed: int,
