@@ -109,12 +109,14 @@ def _selected_rows(work: tuple, relpaths: list[str], seed: int, n_buckets: int, 
                    edge: pa.Table) -> pa.Table:
     """The group's rows below ``bucket``, and those of ``bucket`` that ``edge`` (shard, row) names."""
     rows = rows_in_buckets(read_index(_workdir(work), relpaths), seed, n_buckets, 0, bucket + 1)
-    if not edge.num_rows:
-        return rows.filter(pa.array(key_buckets(rows["hash_key"].to_numpy(), n_buckets) < bucket))
-    wanted = set(zip(edge["shard"].to_pylist(), edge["row"].to_pylist()))
-    below = key_buckets(rows["hash_key"].to_numpy(), n_buckets) < bucket
-    chosen = [b or (s, r) in wanted for b, s, r in zip(below, rows["shard"].to_pylist(), rows["row"].to_pylist())]
-    return rows.filter(pa.array(chosen))
+    buckets = key_buckets(rows["hash_key"].to_numpy(), n_buckets)
+    keep = buckets < bucket
+    at_edge = np.flatnonzero(buckets == bucket)  # about n / n_buckets rows in all: checked one by one
+    if edge.num_rows and len(at_edge):
+        wanted = set(zip(edge["shard"].to_pylist(), edge["row"].to_pylist()))
+        located = zip(rows["shard"].take(at_edge).to_pylist(), rows["row"].take(at_edge).to_pylist())
+        keep[at_edge] = [where in wanted for where in located]
+    return rows.filter(pa.array(keep))
 
 
 def _first_in_hash_order(work: tuple, relpaths: list[str], n: int, seed: int) -> dict[str, list]:
