@@ -1,7 +1,7 @@
 import numpy as np
 import pyarrow as pa
 
-from selector.data.index import INDEX_SCHEMA, hash_keys, hash_order_prefix, merge_hash_order
+from selector.data.index import INDEX_SCHEMA, hash_keys, hash_order_prefix
 
 
 def table(n, seed=0):
@@ -34,19 +34,6 @@ def test_hash_keys_are_uniform_and_seeded():
     assert np.array_equal(k0, hash_keys(ids, 0))
 
 
-def test_merged_local_prefixes_equal_the_global_selection_for_any_partition():
-    full = table(3000)
-    rng = np.random.default_rng(5)
-    for seed, budget in [(0, 10_000), (1, 123_456), (2, 1), (3, 10**9)]:
-        expected = naive_random_selection(full, seed, budget)
-        for n_workers in (1, 3, 7):
-            owner = rng.integers(0, n_workers, full.num_rows)
-            parts = [full.filter(pa.array(owner == w)) for w in range(n_workers)]
-            merged = merge_hash_order([hash_order_prefix(p, seed, budget) for p in parts], budget)
-            assert merged["doc_id"].to_pylist() == expected
-            assert sum(merged["n_tokens"].to_pylist()) <= budget
-
-
 def test_bucketed_random_selection_equals_the_definition_for_any_partition_and_bucket_count():
     """The three passes of workers.index_reads.random_selection, run on in-process parts."""
     import pyarrow.compute as pc
@@ -77,7 +64,7 @@ def test_bucketed_random_selection_equals_the_definition_for_any_partition_and_b
 
 
 def test_empty_inputs():
-    assert merge_hash_order([hash_order_prefix(None, 0, 10)], 10).num_rows == 0
+    assert hash_order_prefix(None, 0, 10).num_rows == 0
 
 
 def test_indexed_documents_are_the_index_rows_with_their_texts(tmp_path, tiny_tokenizer_dir):

@@ -92,10 +92,9 @@ def id_keys(doc_ids: list[str]) -> np.ndarray:
 def hash_order_prefix(table: pa.Table | None, seed: int, max_tokens: int) -> pa.Table:
     """Rows of ``table`` in hash order, cut where the cumulative token count would pass ``max_tokens``.
 
-    The global random selection under a budget B is the prefix (in hash order) of all
-    documents whose cumulative tokens stay <= B. Every document in that global prefix is
-    also in its worker's local prefix (its local cumulative sum is at most the global one),
-    so merging the local prefixes and cutting again is exact.
+    The random selection under a budget B is this prefix of the whole index: the documents, in
+    hash order, whose cumulative tokens stay <= B. The job computes it without collecting the
+    index, in bounded passes over key buckets (below); this is the definition they are pinned to.
     """
     if table is None or table.num_rows == 0:
         return INDEX_SCHEMA.empty_table().append_column("hash_key", pa.array([], pa.float64()))
@@ -105,18 +104,6 @@ def hash_order_prefix(table: pa.Table | None, seed: int, max_tokens: int) -> pa.
     n_keep = int(np.searchsorted(np.cumsum(tokens), max_tokens, side="right"))
     keep = order[:n_keep]
     return table.take(pa.array(keep)).append_column("hash_key", pa.array(keys[keep]))
-
-
-def merge_hash_order(prefixes: list[pa.Table], max_tokens: int) -> pa.Table:
-    """Merge workers' hash-order prefixes and cut at the budget (see :func:`hash_order_prefix`)."""
-    non_empty = [p for p in prefixes if p is not None and p.num_rows]
-    if not non_empty:
-        return hash_order_prefix(None, 0, max_tokens)
-    merged = pa.concat_tables(non_empty)
-    order = np.argsort(merged["hash_key"].to_numpy(), kind="stable")
-    tokens = merged["n_tokens"].to_numpy()[order]
-    n_keep = int(np.searchsorted(np.cumsum(tokens), max_tokens, side="right"))
-    return merged.take(pa.array(order[:n_keep]))
 
 
 # The random selection without collecting candidates: the hash keys are uniform on [0, 1), so
@@ -162,7 +149,7 @@ def rows_in_buckets(table: pa.Table | None, seed: int, n_buckets: int, low: int,
 
 def in_hash_order(table: pa.Table) -> pa.Table:
     """``table`` (with ``hash_key``) sorted by key, ties by shard and row: the order of
-    :func:`merge_hash_order`'s stable merge of parts in shard order."""
+    a stable sort of the parts concatenated in shard order (:func:`hash_order_prefix` of the whole)."""
     return table.sort_by([("hash_key", "ascending"), ("shard", "ascending"), ("row", "ascending")])
 
 
